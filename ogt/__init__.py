@@ -1,0 +1,55 @@
+"""ogt: ONNX-to-ONNX graph transformations for model compression.
+
+>>> import ogt
+>>> model = ogt.load("model.onnx")
+>>> result = ogt.Pipeline([ogt.FoldBatchNorm(), ogt.Cleanup()])(model)
+>>> ogt.save(result.graph, "model.folded.onnx")
+"""
+
+from .errors import (
+    CalibrationError,
+    InvalidGraphError,
+    InvalidModelError,
+    OgtError,
+    TransformError,
+    UnsafeModelError,
+)
+from .graph import Model, load, save
+from .transforms import (
+    Cleanup,
+    FoldBatchNorm,
+    FoldConstants,
+    Pipeline,
+    Skip,
+    Transform,
+    TransformContext,
+    TransformResult,
+    available,
+    create,
+    register,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CalibrationError",
+    "Cleanup",
+    "FoldBatchNorm",
+    "FoldConstants",
+    "InvalidGraphError",
+    "InvalidModelError",
+    "Model",
+    "OgtError",
+    "Pipeline",
+    "Skip",
+    "Transform",
+    "TransformContext",
+    "TransformError",
+    "TransformResult",
+    "UnsafeModelError",
+    "available",
+    "create",
+    "load",
+    "register",
+    "save",
+]
