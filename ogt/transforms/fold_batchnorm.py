@@ -80,8 +80,8 @@ class FoldBatchNorm(Transform):
             types = infer_types(model)
             folds, lowers, skipped = self._plan(model, idx, types)
             if folds:
-                _mutate_folds(model, idx, folds)
                 counts.update(f.kind for f in folds)
+                _mutate_folds(model, idx, folds)
                 continue
             if self.lower_unfoldable and lowers:
                 _mutate_lowers(model, idx, lowers)
@@ -269,14 +269,17 @@ def _mutate_folds(model: Model, idx: GraphIndex, folds: list[_Fold]) -> None:
     g = model.graph
     names = NameAllocator(g)
     replacements: dict[int, list[NodeProto]] = {}
-    for f in folds:
+    while folds:  # pop as we go: each planned array is freed once written into the proto
+        f = folds.pop()
         bn = idx.nodes[f.bn]
         prod = idx.nodes[f.producer]
         w_t, w = f.new_weight
-        set_constant(w_t, w)
+        _rewrite_constant(idx, names, w_t, w, prod, 1)
+        del w, f.new_weight
         b_t, b = f.new_bias
         if b_t is not None:
-            set_constant(b_t, b)
+            bias_user = idx.nodes[f.bias_node] if f.kind == "matmul-add" else prod
+            _rewrite_constant(idx, names, b_t, b, bias_user, _input_slot(bias_user, b_t, idx))
         if f.kind == "gemm":
             set_attr(prod, "beta", 1.0)
         last = prod
@@ -298,6 +301,26 @@ def _mutate_folds(model: Model, idx: GraphIndex, folds: list[_Fold]) -> None:
         last.output[0] = bn.output[0]
         replacements[f.bn] = []
     rebuild_nodes(g, replacements)
+
+
+def _rewrite_constant(idx: GraphIndex, names: NameAllocator, t: TensorProto, value: np.ndarray, user: NodeProto, slot: int) -> None:
+    """New values get a new name (names are identities); storage is reused in place."""
+    old = user.input[slot]
+    new = names.new(old)
+    set_constant(t, value)
+    i = idx.producer.get(old)
+    if i is not None and idx.nodes[i].op_type == "Constant":
+        idx.nodes[i].output[0] = new
+    else:
+        t.name = new
+    user.input[slot] = new
+
+
+def _input_slot(user: NodeProto, t: TensorProto, idx: GraphIndex) -> int:
+    for k, name in enumerate(user.input):
+        if idx.constant_storage(name) is t:
+            return k
+    raise AssertionError(f"constant '{t.name}' is not an input of {describe(user)}")
 
 
 def _mutate_lowers(model: Model, idx: GraphIndex, lowers: list[_Lower]) -> None:

@@ -32,6 +32,8 @@ _NONDETERMINISTIC = {"RandomNormal", "RandomUniform", "RandomNormalLike", "Rando
 @register
 @dataclasses.dataclass(frozen=True)
 class FoldConstants(Transform):
+    """Evaluate all-constant nodes with the ONNX reference evaluator; report what cannot fold."""
+
     name: ClassVar[str] = "fold-constants"
     max_output_bytes: int = 64 * 2**20
     fail_on_error: bool = False

@@ -1,0 +1,1 @@
+"""The ``ogt`` command line. Each command builds the same objects an API user would."""

@@ -1,0 +1,217 @@
+"""Hypothesis strategies that generate valid ONNX graphs for property tests.
+
+``bn_graphs()`` draws a chain of 1-3 blocks ``linear op -> BatchNormalization [-> Relu]`` where
+the linear op is Conv (1-D or 2-D, groups, kernel, stride, pads, dilation), ConvTranspose
+(groups), Gemm (transB 0/1), MatMul or MatMul+Add; weights as initializers or Constant nodes,
+bias present or not, random epsilon. With ``negatives=True`` it also plants cases a folder must
+refuse: a weight shared with another node, a producer output read elsewhere, a BN after a Relu,
+a BN in training mode. Each example carries the counts a correct fold-batchnorm reports.
+
+    @given(bn_graphs())
+    def test_my_transform(g):
+        after = my_transform(ogt.Model(copy(g.model)))
+        assert_equivalent(g.model, after.graph)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+
+import numpy as np
+import onnx
+from hypothesis import strategies as st
+from onnx import TensorProto, helper, numpy_helper
+
+OPSET = 17
+CONV_OPS = ("Conv", "ConvTranspose")
+DENSE_OPS = ("Gemm", "MatMul", "MatMulAdd")
+NEGATIVES = ("shared-weight", "output-read-elsewhere", "after-relu", "training-mode")
+
+
+@dataclasses.dataclass
+class GeneratedGraph:
+    """A generated model plus what fold-batchnorm should report on it."""
+
+    model: onnx.ModelProto
+    expected_counts: dict[str, int]
+    planted: list[str]
+    runnable: bool = True  # False when a planted case (training mode) makes onnxruntime refuse inference
+
+    def __repr__(self) -> str:  # hypothesis prints this on failure
+        ops = [n.op_type for n in self.model.graph.node]
+        return f"GeneratedGraph(ops={ops}, expected={self.expected_counts}, planted={self.planted})"
+
+
+class _Builder:
+    def __init__(self, rng: np.random.Generator):
+        self.rng = rng
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[TensorProto] = []
+        self.outputs: list[onnx.ValueInfoProto] = []
+        self.n = 0
+
+    def name(self, hint: str) -> str:
+        self.n += 1
+        return f"{hint}{self.n}"
+
+    def const(self, hint: str, arr: np.ndarray, as_node: bool = False) -> str:
+        name = self.name(hint)
+        t = numpy_helper.from_array(arr.astype(np.float32), name)
+        if as_node:
+            self.nodes.append(helper.make_node("Constant", [], [name], name=f"{name}_const", value=t))
+        else:
+            self.inits.append(t)
+        return name
+
+    def node(self, op: str, inputs: list[str], hint: str, **attrs) -> str:
+        out = self.name(hint)
+        self.nodes.append(helper.make_node(op, inputs, [out], name=f"{out}_node", **attrs))
+        return out
+
+    def bn(self, x: str, channels: int, eps: float, training: bool = False) -> str:
+        r = self.rng
+        params = [
+            self.const("gamma", r.uniform(0.5, 1.5, channels)),
+            self.const("beta", r.normal(0, 0.5, channels)),
+            self.const("mean", r.normal(0, 0.5, channels)),
+            self.const("var", r.uniform(0.2, 2.0, channels)),
+        ]
+        if not training:
+            return self.node("BatchNormalization", [x, *params], "bn", epsilon=eps)
+        out = self.name("bn")
+        stats = [f"{out}_running_mean", f"{out}_running_var"]
+        self.nodes.append(
+            helper.make_node("BatchNormalization", [x, *params], [out, *stats], name=f"{out}_node", epsilon=eps, training_mode=1)
+        )
+        return out
+
+
+@st.composite
+def _conv_block(draw, b: _Builder, x: str, shape: list[int], op: str, as_node: bool):
+    c_in, spatial = shape[1], shape[2:]
+    groups = draw(st.sampled_from([g for g in (1, 2, 3) if c_in % g == 0]))
+    c_out = groups * draw(st.integers(1, 3))
+    k = draw(st.integers(1, 3))
+    stride = draw(st.integers(1, 2))
+    pad = draw(st.integers(0, 1))
+    dil = draw(st.integers(1, 2)) if op == "Conv" else 1
+    bias = draw(st.booleans())
+    nd = len(spatial)
+    if op == "Conv":
+        out_sp = [(s + 2 * pad - dil * (k - 1) - 1) // stride + 1 for s in spatial]
+        if min(out_sp) < 1:
+            k, dil, pad = 1, 1, 0
+            out_sp = [(s - 1) // stride + 1 for s in spatial]
+        w = b.rng.normal(0, 0.5, (c_out, c_in // groups) + (k,) * nd)
+    else:
+        pad = min(pad, k - 1)
+        out_sp = [(s - 1) * stride - 2 * pad + k for s in spatial]
+        if min(out_sp) < 1:
+            pad = 0
+            out_sp = [(s - 1) * stride + k for s in spatial]
+        w = b.rng.normal(0, 0.5, (c_in, c_out // groups) + (k,) * nd)
+    inputs = [x, b.const("w", w, as_node)]
+    if bias:
+        inputs.append(b.const("b", b.rng.normal(0, 0.5, c_out), as_node))
+    attrs = dict(group=groups, kernel_shape=[k] * nd, strides=[stride] * nd, pads=[pad] * (2 * nd))
+    if op == "Conv":
+        attrs["dilations"] = [dil] * nd
+    y = b.node(op, inputs, op.lower(), **attrs)
+    return y, [shape[0], c_out, *out_sp]
+
+
+@st.composite
+def _dense_block(draw, b: _Builder, x: str, shape: list[int], op: str, as_node: bool):
+    f_in = shape[1]
+    f_out = draw(st.integers(1, 6))
+    bias = draw(st.booleans())
+    if op == "Gemm":
+        trans_b = draw(st.integers(0, 1))
+        w = b.rng.normal(0, 0.5, (f_out, f_in) if trans_b else (f_in, f_out))
+        inputs = [x, b.const("w", w, as_node)]
+        if bias:
+            inputs.append(b.const("c", b.rng.normal(0, 0.5, f_out), as_node))
+        alpha = draw(st.sampled_from([1.0, 0.5]))
+        beta = draw(st.sampled_from([1.0, 2.0]))
+        y = b.node("Gemm", inputs, "gemm", transB=trans_b, alpha=alpha, beta=beta)
+    else:
+        y = b.node("MatMul", [x, b.const("w", b.rng.normal(0, 0.5, (f_in, f_out)), as_node)], "matmul")
+        if op == "MatMulAdd":
+            y = b.node("Add", [y, b.const("b", b.rng.normal(0, 0.5, f_out), as_node)], "add")
+    return y, [shape[0], f_out]
+
+
+@st.composite
+def bn_graphs(draw, negatives: bool = False, max_blocks: int = 3) -> GeneratedGraph:
+    """A random valid model of linear-op + BN blocks; see the module docstring."""
+    b = _Builder(np.random.default_rng(draw(st.integers(0, 2**32 - 1))))
+    family = draw(st.sampled_from(["conv1d", "conv2d", "dense"]))
+    batch = 2
+    if family == "dense":
+        shape = [batch, draw(st.integers(1, 6))]
+    else:
+        nd = 1 if family == "conv1d" else 2
+        shape = [batch, draw(st.sampled_from([1, 2, 3, 4, 6]))] + [draw(st.integers(3, 7)) for _ in range(nd)]
+    x_in = "x"
+    x = x_in
+    in_shape = list(shape)
+    expected: Counter[str] = Counter()
+    planted: list[str] = []
+    runnable = True
+    n_blocks = draw(st.integers(1, max_blocks))
+    plant_at = draw(st.integers(0, n_blocks - 1)) if negatives else -1
+    for k in range(n_blocks):
+        ops = CONV_OPS if family != "dense" else DENSE_OPS
+        op = draw(st.sampled_from(ops))
+        as_node = draw(st.booleans())
+        block = _conv_block if family != "dense" else _dense_block
+        y, shape = draw(block(b, x, shape, op, as_node))
+        neg = draw(st.sampled_from(NEGATIVES)) if k == plant_at else None
+        eps = draw(st.sampled_from([1e-5, 1e-3, 1e-2]))
+        if neg == "shared-weight":
+            w_name = _weight_of(b, y)
+            side = b.node("Mul", [w_name, w_name], "wsq")
+            b.outputs.append(helper.make_tensor_value_info(side, TensorProto.FLOAT, None))
+        elif neg == "output-read-elsewhere":
+            side = b.node("Relu", [y], "side")
+            b.outputs.append(helper.make_tensor_value_info(side, TensorProto.FLOAT, None))
+        elif neg == "after-relu":
+            y = b.node("Relu", [y], "relu")
+        if neg:
+            planted.append(neg)
+        training = neg == "training-mode"
+        if training:
+            runnable = False
+        y = b.bn(y, shape[1], eps, training=training)
+        if not training:
+            expected[_fold_kind(op, neg)] += 1
+        if draw(st.booleans()):
+            y = b.node("Relu", [y], "relu")
+        x = y
+    graph = helper.make_graph(
+        b.nodes,
+        "generated",
+        [helper.make_tensor_value_info(x_in, TensorProto.FLOAT, in_shape)],
+        [helper.make_tensor_value_info(x, TensorProto.FLOAT, None), *b.outputs],
+        initializer=b.inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="ogt.testing")
+    model.ir_version = 8
+    counts = {f"fold-batchnorm.{k}": v for k, v in expected.items()}
+    return GeneratedGraph(model, counts, planted, runnable)
+
+
+def _weight_of(b: _Builder, y: str) -> str:
+    """The weight input of the linear op behind ``y`` (through a MatMul's bias Add)."""
+    by_out = {n.output[0]: n for n in b.nodes}
+    node = by_out[y]
+    if node.op_type == "Add":
+        node = by_out[node.input[0]]
+    return node.input[1]
+
+
+def _fold_kind(op: str, negative: str | None) -> str:
+    if negative in ("shared-weight", "output-read-elsewhere", "after-relu"):
+        return "mul-add"
+    return {"Conv": "conv", "ConvTranspose": "convtranspose", "Gemm": "gemm", "MatMul": "matmul", "MatMulAdd": "matmul-add"}[op]
