@@ -215,3 +215,82 @@ def _fold_kind(op: str, negative: str | None) -> str:
     if negative in ("shared-weight", "output-read-elsewhere", "after-relu"):
         return "mul-add"
     return {"Conv": "conv", "ConvTranspose": "convtranspose", "Gemm": "gemm", "MatMul": "matmul", "MatMulAdd": "matmul-add"}[op]
+
+
+@dataclasses.dataclass
+class JunkGraph:
+    """A generated model with planted junk and the counts cleanup must report."""
+
+    model: onnx.ModelProto
+    expected_counts: dict[str, int]
+    shuffled_out_of_order: bool
+
+    def __repr__(self) -> str:
+        return f"JunkGraph(ops={[n.op_type for n in self.model.graph.node]}, expected={self.expected_counts})"
+
+
+@st.composite
+def cleanup_graphs(draw) -> JunkGraph:
+    """A bn_graphs() model with planted Identity nodes, dead nodes, unused and duplicate constants,
+    initializers listed as inputs and a shuffled node order."""
+    base = draw(bn_graphs())
+    m = onnx.ModelProto()
+    m.CopyFrom(base.model)
+    g = m.graph
+    out = g.output[0].name
+    expected: Counter[str] = Counter()
+    n_id = draw(st.integers(0, 3))
+    if n_id:  # an Identity chain on the main output path: x -> id -> id -> ... -> consumers
+        producer = next(n for n in g.node if n.output[0] == out)
+        prev = producer.output[0] = "pre_identity"
+        for k in range(n_id):
+            nxt = out if k == n_id - 1 else f"identity_{k}"
+            g.node.append(helper.make_node("Identity", [prev], [nxt], name=f"identity_node_{k}"))
+            prev = nxt
+        expected["identity"] = n_id
+    n_dead = draw(st.integers(0, 3))
+    src = g.input[0].name
+    for k in range(n_dead):  # a chain of dead nodes hanging off the input
+        dst = f"dead_{k}"
+        g.node.append(helper.make_node("Sigmoid", [src], [dst], name=f"dead_node_{k}"))
+        src = dst
+    expected["dead-node"] = n_dead
+    n_unused = draw(st.integers(0, 2))
+    for k in range(n_unused):
+        g.initializer.append(numpy_helper.from_array(np.full(3, float(k), np.float32), f"unused_{k}"))
+    expected["unused-initializer"] = n_unused
+    if draw(st.booleans()):  # y + 0 + 0 with two identical zero constants: one duplicate
+        final = g.output[0].name
+        producer = next(n for n in g.node if n.output[0] == final)
+        producer.output[0] = "pre_zeros"
+        g.initializer.extend([numpy_helper.from_array(np.zeros(1, np.float32), n) for n in ("zero_a", "zero_b")])
+        g.node.append(helper.make_node("Add", ["pre_zeros", "zero_a"], ["plus_zero"], name="add_zero_a"))
+        g.node.append(helper.make_node("Add", ["plus_zero", "zero_b"], [final], name="add_zero_b"))
+        expected["duplicate-constant"] = 1
+    n_inputs = draw(st.integers(0, min(2, len(g.initializer))))
+    for t in list(g.initializer)[:n_inputs]:
+        g.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    expected["initializer-input"] = n_inputs
+    order = draw(st.permutations(list(range(len(g.node)))))
+    nodes = [g.node[i] for i in order]
+    del g.node[:]
+    g.node.extend(nodes)
+    out_of_order = _survivors_out_of_order(g)
+    counts = {f"cleanup.{k}": v for k, v in expected.items() if v}
+    if out_of_order:
+        counts["cleanup.reordered"] = 1
+    return JunkGraph(m, counts, out_of_order)
+
+
+def _survivors_out_of_order(g: onnx.GraphProto) -> bool:
+    """Whether the nodes cleanup keeps (not dead, not Identity) read anything produced later."""
+    alias = {n.output[0]: n.input[0] for n in g.node if n.op_type == "Identity"}
+
+    def root(name: str) -> str:
+        while name in alias:
+            name = alias[name]
+        return name
+
+    kept = [n for n in g.node if n.op_type != "Identity" and not n.name.startswith("dead_node_")]
+    produced_at = {root(o): i for i, n in enumerate(kept) for o in n.output}
+    return any(produced_at.get(root(x), -1) > i for i, n in enumerate(kept) for x in n.input)

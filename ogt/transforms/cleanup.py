@@ -7,9 +7,9 @@ Steps, in order (each reported in ``counts``):
    names); an Identity from a graph input or initializer straight to an output must stay.
 2. ``dead-node``: nodes from which no graph output is reachable.
 3. ``initializer-input``: graph inputs that merely declare an initializer (IR >= 4).
-4. ``duplicate-constant``: initializers (and Constant nodes) with identical dtype, shape and
-   bytes are merged into the first one.
-5. ``unused-initializer``: initializers nothing reads.
+4. ``unused-initializer``: initializers nothing reads.
+5. ``duplicate-constant``: initializers (and Constant nodes) with identical dtype, shape and
+   bytes are merged into the first one (the duplicates are deleted).
 6. ``reordered``: nodes are put in a stable topological order (1 when the order changed).
 
 Stale ``value_info`` entries for tensors that no longer exist are dropped as well.
@@ -48,9 +48,9 @@ class Cleanup(Transform):
         counts["dead-node"] = _remove_dead_nodes(g)
         if self.remove_initializer_inputs:
             counts["initializer-input"] = _remove_initializer_inputs(model, skipped)
+        counts["unused-initializer"] = _remove_unused_initializers(g)
         if self.dedupe_constants:
             counts["duplicate-constant"] = _dedupe_initializers(model) + _dedupe_constant_nodes(g)
-        counts["unused-initializer"] = _remove_unused_initializers(g)
         counts["reordered"] = _toposort(g)
         counts["stale-value-info"] = _drop_stale_value_info(g)
         changed = any(counts.values())
