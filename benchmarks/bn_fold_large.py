@@ -3,7 +3,7 @@
 The model is a chain of ``Conv(1x1) -> BatchNormalization -> Relu`` blocks (fp32, every other
 Conv has a bias) on an input of shape ``[1, C, 4, 4]``, so running it is cheap while its weights
 are large. It is written tensor by tensor into one external-data file beside the ``.onnx`` and
-cached under ``benchmarks/work/``: the generator never holds more than one weight in memory.
+cached under ``benchmarks/work/``: the generator never holds more than one block's weights in memory.
 
 Every contender runs in its own subprocess, one after the other, on the same input file. For
 each the harness records wall time and the child's own peak RSS (``ru_maxrss`` of that process,
@@ -30,7 +30,7 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
 
@@ -115,7 +115,7 @@ class ExternalDataWriter:
             self._file.write(b"\0" * pad)
         offset = self._file.tell()
         data = np.ascontiguousarray(array, dtype="<f4")
-        self._file.write(memoryview(data).cast("B"))
+        self._file.write(data.tobytes())  # one tensor at a time: the copy is bounded
         tensor = TensorProto(name=name, data_type=TensorProto.FLOAT, dims=array.shape)
         tensor.data_location = TensorProto.EXTERNAL
         for key, value in (("location", self._location), ("offset", offset), ("length", data.nbytes)):
@@ -144,8 +144,17 @@ def block_nodes(i: int, x: str, has_bias: bool) -> tuple[list[onnx.NodeProto], s
     return nodes, f"{p}.relu"
 
 
+def block_initializers(writer: ExternalDataWriter, i: int, block: Block) -> list[TensorProto]:
+    """Write one block's tensors to the data file, named as ``block_nodes`` expects."""
+    p = f"b{i}"
+    named = [(f"{p}.w", block.weight)] + ([(f"{p}.b", block.bias)] if block.bias is not None else [])
+    named += [(f"{p}.scale", block.scale), (f"{p}.beta", block.beta), (f"{p}.mean", block.mean),
+              (f"{p}.var", block.var)]
+    return [writer.add(name, array) for name, array in named]
+
+
 def write_stack(spec: StackSpec, model_path: Path) -> None:
-    """Write the model and its data file, one tensor in memory at a time."""
+    """Write the model and its data file, one block's tensors in memory at a time."""
     data_path = model_path.with_name(model_path.name + ".data")
     rng = np.random.default_rng(spec.seed)
     writer = ExternalDataWriter(data_path)
@@ -155,12 +164,7 @@ def write_stack(spec: StackSpec, model_path: Path) -> None:
     try:
         for i in range(spec.blocks):
             block = make_block(rng, spec.channels, with_bias=i % 2 == 0)
-            p = f"b{i}"
-            inits.append(writer.add(f"{p}.w", block.weight))
-            if block.bias is not None:
-                inits.append(writer.add(f"{p}.b", block.bias))
-            for suffix, vec in (("scale", block.scale), ("beta", block.beta), ("mean", block.mean), ("var", block.var)):
-                inits.append(writer.add(f"{p}.{suffix}", vec))
+            inits += block_initializers(writer, i, block)
             new_nodes, x = block_nodes(i, x, block.bias is not None)
             nodes += new_nodes
     finally:
@@ -331,7 +335,7 @@ def ogt_available(bin_dir: Path) -> bool:
     exe = bin_dir / "ogt"
     if not exe.exists():
         return False
-    probe = subprocess.run([str(exe), "transform", "--help"], capture_output=True, timeout=120)
+    probe = subprocess.run([str(exe), "transform", "--help"], check=False, capture_output=True, timeout=120)
     return probe.returncode == 0
 
 
@@ -360,33 +364,46 @@ def child_reference(model: Path, input_npz: Path, ref_npz: Path, seed: int) -> N
     np.savez(ref_npz, y=run_model(model, x))
 
 
-def graph_facts(path: Path) -> dict[str, int]:
-    proto = onnx.load(str(path), load_external_data=False)
-    ops = [n.op_type for n in proto.graph.node]
-    return {
-        "nodes": len(ops),
-        "batchnorm_nodes": ops.count("BatchNormalization"),
-        "conv_nodes": ops.count("Conv"),
-        "weight_bytes": external_weight_bytes(path),
-    }
+@dataclass(frozen=True)
+class Verification:
+    """What the verify child found in one contender's output."""
+
+    nodes: int | None = None
+    batchnorm_nodes: int | None = None
+    conv_nodes: int | None = None
+    weight_bytes: int | None = None
+    equivalent: bool | None = None
+    max_abs_diff: float | None = None
+    max_abs_ref: float | None = None
+    atol: float | None = None
+    error: str | None = None
 
 
 def child_verify(candidate: Path, input_npz: Path, ref_npz: Path, out_json: Path) -> None:
-    facts: dict[str, object] = dict(graph_facts(candidate))
+    proto = onnx.load(str(candidate), load_external_data=False)
+    ops = [n.op_type for n in proto.graph.node]
+    graph = Verification(
+        nodes=len(ops),
+        batchnorm_nodes=ops.count("BatchNormalization"),
+        conv_nodes=ops.count("Conv"),
+        weight_bytes=external_weight_bytes(candidate),
+    )
     ref = np.load(ref_npz)["y"]
     try:
         y = run_model(candidate, np.load(input_npz)["x"])
-    except Exception as exc:  # a broken output is a result, not a harness failure
-        facts.update(equivalent=False, error=f"{type(exc).__name__}: {exc}")
+    except Exception as exc:  # noqa: BLE001 - a broken output is a result, not a harness failure
+        found = replace(graph, equivalent=False, error=f"{type(exc).__name__}: {exc}")
     else:
         atol = ATOL_FRACTION * float(np.max(np.abs(ref)))
-        facts.update(
-            equivalent=bool(y.shape == ref.shape and np.allclose(y, ref, rtol=RTOL, atol=atol)),
-            max_abs_diff=float(np.max(np.abs(y - ref))) if y.shape == ref.shape else None,
+        same_shape = y.shape == ref.shape
+        found = replace(
+            graph,
+            equivalent=bool(same_shape and np.allclose(y, ref, rtol=RTOL, atol=atol)),
+            max_abs_diff=float(np.max(np.abs(y - ref))) if same_shape else None,
             max_abs_ref=float(np.max(np.abs(ref))),
             atol=atol,
         )
-    out_json.write_text(json.dumps(facts))
+    out_json.write_text(json.dumps(asdict(found)))
 
 
 def child_main(argv: Sequence[str]) -> int:
@@ -426,7 +443,7 @@ class Result:
     measurement: Measurement | None = None
     rss_over_weights: float | None = None
     output_bytes: int | None = None
-    verify: dict[str, object] = field(default_factory=dict)
+    verify: Verification = field(default_factory=Verification)
     error_tail: str | None = None
 
 
@@ -462,9 +479,9 @@ def bench_one(contender: Contender, model: Path, weight_bytes: int, ref: tuple[P
         vm = run_child(["verify", str(out_path), str(ref[0]), str(ref[1]), str(verify_json)], out_dir,
                        out_dir / "verify.log")
         if vm.returncode == 0:
-            result.verify = json.loads(verify_json.read_text())
+            result.verify = Verification(**json.loads(verify_json.read_text()))
         else:
-            result.verify = {"error": tail(out_dir / "verify.log")}
+            result.verify = Verification(error=tail(out_dir / "verify.log"))
     if not keep:
         for p in output_files(out_dir):
             p.unlink()
@@ -476,7 +493,7 @@ def machine_info() -> dict[str, object]:
                    if line.startswith("MemTotal:"))
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
-    versions = {}
+    versions: dict[str, str | None] = {}
     for pkg in ("ogt", "onnx", "onnxruntime", "numpy", "onnxslim", "onnxsim"):
         try:
             versions[pkg] = metadata.version(pkg)
@@ -496,25 +513,29 @@ def fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def markdown(results: Sequence[Result], weight_bytes: int) -> str:
-    base = next((r for r in results if r.name == "ogt" and r.status == "ok" and r.measurement), None)
-    rows = [
-        "| contender | status | wall s | peak RSS GB | RSS / weights | time vs ogt | RSS vs ogt | BN left "
-        "| equivalent (max abs diff) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---|",
+def table_row(r: Result, base: Measurement | None) -> str:
+    m, v = r.measurement, r.verify
+    eq = "-" if v.equivalent is None else f"{'yes' if v.equivalent else 'NO'} ({fmt(v.max_abs_diff, '.2e')})"
+    cells = [
+        r.name,
+        r.status,
+        fmt(m.wall_s if m else None, ".1f"),
+        fmt(m.peak_rss_bytes / GB if m else None, ".2f"),
+        fmt(r.rss_over_weights, ".2f"),
+        fmt(m.wall_s / base.wall_s if m and base else None, ".2f"),
+        fmt(m.peak_rss_bytes / base.peak_rss_bytes if m and base else None, ".2f"),
+        "-" if v.batchnorm_nodes is None else str(v.batchnorm_nodes),
+        eq,
     ]
-    for r in results:
-        m = r.measurement
-        t_ratio = m.wall_s / base.measurement.wall_s if m and base else None
-        rss_ratio = m.peak_rss_bytes / base.measurement.peak_rss_bytes if m and base else None
-        bn = r.verify.get("batchnorm_nodes")
-        eq = r.verify.get("equivalent")
-        eq_s = "-" if eq is None else f"{'yes' if eq else 'NO'} ({fmt(r.verify.get('max_abs_diff'), '.2e')})"
-        rows.append(
-            f"| {r.name} | {r.status} | {fmt(m and m.wall_s, '.1f')} | {fmt(m and m.peak_rss_bytes / GB, '.2f')} "
-            f"| {fmt(r.rss_over_weights, '.2f')} | {fmt(t_ratio, '.2f')} | {fmt(rss_ratio, '.2f')} "
-            f"| {'-' if bn is None else bn} | {eq_s} |"
-        )
+    return "| " + " | ".join(cells) + " |"
+
+
+def markdown(results: Sequence[Result], weight_bytes: int) -> str:
+    base = next((r.measurement for r in results if r.name == "ogt" and r.status == "ok"), None)
+    header = ("contender", "status", "wall s", "peak RSS GB", "RSS / weights", "time vs ogt", "RSS vs ogt",
+              "BN left", "equivalent (max abs diff)")
+    rows = ["| " + " | ".join(header) + " |", "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    rows += [table_row(r, base) for r in results]
     rows.append(f"\nweights: {weight_bytes / GB:.3f} GB ({weight_bytes} bytes); GB = 1e9 bytes; "
                 "peak RSS = ru_maxrss of the contender's own process (GNU time %M, i.e. wait4).")
     for r in results:
@@ -572,9 +593,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"[{name}] running ...", flush=True)
         r = bench_one(c, model, weight_bytes, ref, work, args.timeout, args.keep_outputs)
         results.append(r)
-        m = r.measurement
-        print(f"[{name}] {r.status}: {m.wall_s:.1f} s, peak RSS {m.peak_rss_bytes / GB:.2f} GB, verify {r.verify}",
-              flush=True)
+        print(f"[{name}] {table_row(r, None)}", flush=True)
 
     report = {
         "benchmark": "bn_fold_large",
