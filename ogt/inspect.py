@@ -104,7 +104,9 @@ def count_decomposed_layernorm(idx: GraphIndex) -> int:
 
 def _variance_path_found(idx: GraphIndex, centered: str) -> bool:
     for sq in _readers(idx, centered):
-        squares = (sq.op_type == "Pow") or (sq.op_type == "Mul" and sq.input[0] == sq.input[1] == centered)
+        squares = (sq.op_type == "Pow" and sq.input[0] == centered and _is_two(idx, sq.input[1])) or (
+            sq.op_type == "Mul" and sq.input[0] == sq.input[1] == centered
+        )
         if not squares:
             continue
         for var in _readers(idx, sq.output[0], "ReduceMean"):
@@ -118,6 +120,16 @@ def _variance_path_found(idx: GraphIndex, centered: str) -> bool:
                         ):
                             return True
     return False
+
+
+def _is_two(idx: GraphIndex, name: str) -> bool:
+    t = idx.constant_tensor(name)
+    if t is None:
+        return False
+    from onnx import numpy_helper
+
+    value = numpy_helper.to_array(t) if not t.external_data else None
+    return value is not None and value.size == 1 and float(value.reshape(-1)[0]) == 2.0
 
 
 def _readers(idx: GraphIndex, name: str, op_type: str | None = None):

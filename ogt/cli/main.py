@@ -81,6 +81,16 @@ def resolve_output(model_path: Path, output: Path | None, suffix: str, overwrite
     return out
 
 
+def check_writable(path: Path, what: str, avoid: list[Path]) -> None:
+    """Fail before any work if ``path`` cannot be written or would replace an input/output."""
+    if not path.parent.is_dir():
+        raise OutputError(f"{path}: folder {path.parent} for the {what} does not exist")
+    if path.is_dir():
+        raise OutputError(f"{path}: is a folder; give a file name for the {what}")
+    if any(path.resolve() == p.resolve() for p in avoid if p.exists() or p == avoid[-1]):
+        raise OutputError(f"{path}: the {what} would overwrite the model")
+
+
 @cli.command()
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Output model (default: <model>.transformed.onnx).")
@@ -90,7 +100,8 @@ def resolve_output(model_path: Path, output: Path | None, suffix: str, overwrite
     "names",
     multiple=True,
     required=True,
-    help=f"Transform to run, in order; repeatable. Available: {', '.join(available())}.",
+    type=click.Choice(available()),
+    help="Transform to run, in order; repeatable.",
 )
 @click.option("--report", type=click.Path(path_type=Path), help="Write what each transform did as JSON.")
 @click.option("--no-validate", is_flag=True, help="Skip graph validation after each transform.")
@@ -99,6 +110,8 @@ def transform(model, output, names, report, no_validate, overwrite, external_dat
     """Run transforms on MODEL and write the result."""
     pipeline = Pipeline([create(n) for n in names])
     out = resolve_output(model, output, "transformed", overwrite)
+    if report is not None:
+        check_writable(report, "report", avoid=[model, out])
     m = load(model)
     result = pipeline(m, TransformContext(validate=not no_validate))
     save(

@@ -99,6 +99,7 @@ def _save_inline(model: Model, out: Path) -> None:
         raise OutputError(
             f"{out}: {total / 2**30:.2f} GiB of tensors cannot be stored inline (protobuf 2 GiB limit); save with external data"
         )
+    check_not_a_source(model, out)
     for t in model.iter_tensors():
         if tensors.is_external(t):
             tensors.set_data(t, model.array(t))
@@ -107,31 +108,48 @@ def _save_inline(model: Model, out: Path) -> None:
 
 
 def _save_external(model: Model, out: Path, threshold: int, location: str) -> None:
+    """Write data and model to temporary files, fsync both, then rename data, then model.
+
+    Nothing is renamed until both files are complete; on any failure the moved tensors are
+    read back into the protos and the temporary files are deleted.
+    """
     if Path(location).name != location or location in ("", ".", ".."):
         raise OutputError(f"external data location '{location}' must be a plain file name (it is written beside {out.name})")
     data_path = out.parent / location
+    if data_path.resolve() == out.resolve():
+        raise OutputError(f"{out}: the external data file cannot have the model's own name")
     _refuse_clobbering_sources(model, out, data_path)
     moved: list[tuple[TensorProto, int, int]] = []
-    with atomic_file(data_path) as tmp_data:
-        try:
-            with open(tmp_data, "wb") as f:
-                for t in model.iter_tensors():
-                    if t.data_type == TensorProto.STRING:
-                        continue
-                    if tensors.is_external(t) or tensors.nbytes(t) >= threshold:
-                        offset, length = _append_tensor(f, model, t)
-                        _point_to(t, location, offset, length)
-                        moved.append((t, offset, length))
-                f.flush()
-                os.fsync(f.fileno())
-            with atomic_file(out) as tmp_model:
-                tmp_model.write_bytes(_serialize(model, out))
-                _commit_pending(tmp_data, data_path)
-        except BaseException:
-            _restore_inline(moved, tmp_data)
-            raise
+    tmp_data, tmp_model = _temp_beside(data_path), _temp_beside(out)
+    try:
+        with open(tmp_data, "wb") as f:
+            for t in model.iter_tensors():
+                if t.data_type == TensorProto.STRING:
+                    continue
+                if tensors.is_external(t) or tensors.nbytes(t) >= threshold:
+                    offset, length = _append_tensor(f, model, t)
+                    _point_to(t, location, offset, length)
+                    moved.append((t, offset, length))
+            f.flush()
+            os.fsync(f.fileno())
+        tmp_model.write_bytes(_serialize(model, out))
+        _fsync_path(tmp_model)
+        os.replace(tmp_data, data_path)
+        os.replace(tmp_model, out)
+    except BaseException:
+        _restore_inline(moved, tmp_data if tmp_data.exists() else data_path)
+        for tmp in (tmp_data, tmp_model):
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+        raise
     model.base_dir = out.parent.resolve()
     model.source = out.resolve()
+
+
+def _temp_beside(final: Path) -> Path:
+    fd, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    os.close(fd)
+    return Path(name)
 
 
 def _append_tensor(f, model: Model, t: TensorProto) -> tuple[int, int]:
@@ -144,7 +162,7 @@ def _append_tensor(f, model: Model, t: TensorProto) -> tuple[int, int]:
     if tensors.is_external(t):
         for chunk in tensors.iter_raw_chunks(model.base_dir, t):
             f.write(chunk)
-    elif t.raw_data:
+    elif t.HasField("raw_data"):
         f.write(t.raw_data)
     else:
         f.write(tensors.to_array(t).tobytes())
@@ -176,14 +194,31 @@ def _restore_inline(moved: list[tuple[TensorProto, int, int]], data_file: Path) 
 
 
 def _refuse_clobbering_sources(model: Model, out: Path, data_path: Path) -> None:
+    """Never write over a file the model still reads (an in-place save may rewrite its own data file)."""
+    check_not_a_source(model, out)
+    in_place = model.source is not None and model.source == out.resolve()
     target = data_path.resolve()
-    for t in model.iter_tensors():
-        if tensors.is_external(t) and tensors.resolve_location(model.base_dir, t) == target:
-            if model.source is None or model.source != out.resolve():
-                raise OutputError(
-                    f"{data_path}: this file holds the input model's external data; writing it would destroy the input. "
-                    "Choose another output name or --external-data-location"
-                )
+    if target in source_files(model) and not (in_place and target != model.source):
+        raise OutputError(
+            f"{data_path}: this file holds the input model's data; writing it would destroy the input. "
+            "Choose another output name or --external-data-location"
+        )
+
+
+def source_files(model: Model) -> set[Path]:
+    """Files the in-memory model still reads from: its external data files and its own file."""
+    files = {tensors.resolve_location(model.base_dir, t) for t in model.iter_tensors() if tensors.is_external(t)}
+    if model.source is not None:
+        files.add(model.source)
+    return files
+
+
+def check_not_a_source(model: Model, out: Path) -> None:
+    """Raise OutputError if ``out`` is one of the model's external data files."""
+    target = out.resolve()
+    data = source_files(model) - ({model.source} if model.source else set())
+    if target in data:
+        raise OutputError(f"{out}: this file holds the input model's external data; writing it would destroy the input")
 
 
 def _serialize(model: Model, out: Path) -> bytes:
@@ -191,11 +226,6 @@ def _serialize(model: Model, out: Path) -> bytes:
         return model.proto.SerializeToString()
     except ValueError as exc:
         raise OutputError(f"{out}: model too large to serialize ({exc}); save with external data") from None
-
-
-def _commit_pending(tmp: Path, final: Path) -> None:
-    """Rename the data file into place just before the model file is renamed (inside its context)."""
-    os.replace(tmp, final)
 
 
 @contextlib.contextmanager

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -36,10 +37,21 @@ def is_external(tensor: TensorProto) -> bool:
 
 def external_ref(tensor: TensorProto) -> ExternalRef:
     entries = {e.key: e.value for e in tensor.external_data}
-    if "location" not in entries:
+    if not entries.get("location"):
         raise ExternalDataError(f"tensor '{tensor.name}' is marked external but has no location")
+    offset = _non_negative(tensor, "offset", entries.get("offset") or "0")
     length = entries.get("length")
-    return ExternalRef(entries["location"], int(entries.get("offset", 0) or 0), int(length) if length else None)
+    return ExternalRef(entries["location"], offset, _non_negative(tensor, "length", length) if length else None)
+
+
+def _non_negative(tensor: TensorProto, key: str, value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = -1
+    if number < 0:
+        raise ExternalDataError(f"tensor '{tensor.name}': external data {key} '{value}' is not a non-negative integer")
+    return number
 
 
 def element_count(tensor: TensorProto) -> int:
@@ -65,9 +77,10 @@ def nbytes(tensor: TensorProto) -> int:
     if is_external(tensor):
         ref = external_ref(tensor)
         return ref.length if ref.length is not None else (expected_nbytes(tensor) or 0)
-    if tensor.raw_data:
-        return len(tensor.raw_data)
-    return expected_nbytes(tensor) or 0
+    expected = expected_nbytes(tensor)
+    if expected is not None:
+        return expected  # without touching raw_data: reading a bytes field copies it
+    return len(tensor.raw_data) if tensor.HasField("raw_data") else tensor.ByteSize()
 
 
 def resolve_location(base_dir: Path | None, tensor: TensorProto) -> Path:
@@ -98,7 +111,13 @@ def check_external(base_dir: Path | None, tensor: TensorProto) -> None:
     ref = external_ref(tensor)
     if not path.is_file():
         raise ExternalDataError(f"tensor '{tensor.name}': external data file '{ref.location}' not found in {base_dir}")
-    need = ref.length if ref.length is not None else expected_nbytes(tensor)
+    expected = expected_nbytes(tensor)
+    if ref.length is not None and expected is not None and ref.length != expected:
+        raise ExternalDataError(
+            f"tensor '{tensor.name}': external data length {ref.length} does not match the {expected} bytes "
+            f"its shape {list(tensor.dims)} and type need"
+        )
+    need = ref.length if ref.length is not None else expected
     size = path.stat().st_size
     if need is not None and ref.offset + need > size:
         raise ExternalDataError(
@@ -161,6 +180,26 @@ def to_array(tensor: TensorProto, base_dir: Path | None = None) -> np.ndarray:
     return numpy_helper.to_array(tmp)
 
 
+def sample_digest(tensor: TensorProto, base_dir: Path | None = None, span: int = 1 << 16) -> str:
+    """Cheap content key: hash of the first and last ``span`` bytes (a pre-filter for ``digest``)."""
+    h = hashlib.blake2b(digest_size=16)
+    if is_external(tensor):
+        path = resolve_location(base_dir, tensor)
+        ref = external_ref(tensor)
+        length = ref.length if ref.length is not None else (expected_nbytes(tensor) or 0)
+        with open(path, "rb") as f:
+            f.seek(ref.offset)
+            h.update(f.read(min(span, length)))
+            if length > span:
+                f.seek(ref.offset + max(span, length - span))
+                h.update(f.read(span))
+        return h.hexdigest()
+    raw = tensor.raw_data if tensor.HasField("raw_data") else numpy_helper.to_array(tensor).tobytes()
+    h.update(raw[:span])
+    h.update(raw[-span:])
+    return h.hexdigest()
+
+
 def digest(tensor: TensorProto, base_dir: Path | None = None) -> str:
     """Content hash of the tensor's data (streamed for external tensors)."""
     h = hashlib.blake2b(digest_size=20)
@@ -171,16 +210,30 @@ def digest(tensor: TensorProto, base_dir: Path | None = None) -> str:
 
 def set_data(tensor: TensorProto, array: np.ndarray) -> None:
     """Replace the tensor's data in place (dims, dtype, raw bytes), dropping any external reference."""
-    new = numpy_helper.from_array(np.ascontiguousarray(array))
-    name = tensor.name
-    doc = tensor.doc_string
+    array = np.asarray(array)
+    name, doc = tensor.name, tensor.doc_string
     tensor.Clear()
-    tensor.name = name
-    tensor.doc_string = doc
+    tensor.name, tensor.doc_string = name, doc
+    if array.dtype in _DIRECT_DTYPES and sys.byteorder == "little":
+        tensor.data_type = _DIRECT_DTYPES[array.dtype]
+        tensor.dims.extend(array.shape)
+        tensor.raw_data = np.ascontiguousarray(array).tobytes()  # one copy
+        return
+    new = numpy_helper.from_array(np.ascontiguousarray(array))
     tensor.data_type = new.data_type
     tensor.dims.extend(new.dims)
     tensor.raw_data = new.raw_data
 
+
+_DIRECT_DTYPES = {
+    np.dtype(np.float32): TensorProto.FLOAT,
+    np.dtype(np.float64): TensorProto.DOUBLE,
+    np.dtype(np.float16): TensorProto.FLOAT16,
+    np.dtype(np.int8): TensorProto.INT8,
+    np.dtype(np.uint8): TensorProto.UINT8,
+    np.dtype(np.int32): TensorProto.INT32,
+    np.dtype(np.int64): TensorProto.INT64,
+}
 
 _PLAIN_TYPES = {
     TensorProto.FLOAT,

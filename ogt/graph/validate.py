@@ -52,14 +52,20 @@ def check_graph(graph: GraphProto, outer: frozenset[str] = frozenset(), where: s
     """Raise InvalidGraphError on duplicate producers, undefined inputs or cycles."""
     defined: dict[str, str] = {}
     for i in graph.input:
+        if i.name in defined:
+            raise InvalidGraphError(f"{where}: graph input '{i.name}' is declared twice")
         defined[i.name] = "graph input"
+    seen_inits: set[str] = set()
     for t in graph.initializer:
-        defined.setdefault(t.name, "initializer")
+        if t.name in seen_inits:
+            raise InvalidGraphError(f"{where}: initializer '{t.name}' is defined twice")
+        seen_inits.add(t.name)
+        defined.setdefault(t.name, "initializer")  # an initializer may also be a graph input (its default)
     for node in graph.node:
         for out in node.output:
             if not out:
                 continue
-            if out in defined and defined[out] != "graph input":
+            if out in defined:
                 raise InvalidGraphError(
                     f"{where}: tensor '{out}' is produced twice ({defined[out]} and {describe(node)})"
                 )

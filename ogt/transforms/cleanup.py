@@ -176,8 +176,12 @@ def _dedupe_initializers(model: Model) -> int:
     for group in groups.values():
         if len(group) < 2:
             continue
-        first_by_digest: dict[str, str] = {}
+        by_sample: dict[str, list] = defaultdict(list)
         for t in group:
+            by_sample[tensors.sample_digest(t, model.base_dir)].append(t)
+        candidates = [t for same in by_sample.values() if len(same) > 1 for t in same]
+        first_by_digest: dict[str, str] = {}
+        for t in candidates:  # full hash only where the cheap key collides
             d = tensors.digest(t, model.base_dir)
             if d in first_by_digest:
                 subst[t.name] = first_by_digest[d]
