@@ -1,0 +1,1 @@
+"""Quantization: target profiles, QDQ insertion, the quantize pipeline and its report."""
