@@ -67,5 +67,11 @@ class CalibrationError(OgtError):
     exit_code = 11
 
 
+class LintError(OgtError):
+    """``ogt lint`` found violations of the target's rules."""
+
+    exit_code = 12
+
+
 class EquivalenceError(AssertionError):
     """Raised by :func:`ogt.testing.assert_equivalent` when two models disagree."""

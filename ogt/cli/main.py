@@ -145,6 +145,135 @@ def inspect(model, as_json):
         click.echo(format_summary(summary))
 
 
+def _parse_int_ranges(specs: tuple[str, ...]) -> dict[str, tuple[int, int]]:
+    out = {}
+    for spec in specs:
+        name, _, rest = spec.rpartition(":")
+        lo, _, hi = rest.partition(",")
+        try:
+            out[name] = (int(lo), int(hi))
+        except ValueError:
+            raise click.BadParameter(f"'{spec}': expected NAME:LO,HI (integers, HI exclusive)", param_hint="--int-range") from None
+        if not name or out[name][0] >= out[name][1]:
+            raise click.BadParameter(f"'{spec}': expected NAME:LO,HI with LO < HI", param_hint="--int-range")
+    return out
+
+
+def _load_recipe(path: Path | None):
+    from ..errors import CalibrationError
+    from ..quant.insert_qdq import TensorOverride
+
+    if path is None:
+        return {}
+    try:
+        data = json.loads(path.read_text())
+        return {name: TensorOverride(**entry) for name, entry in data.get("tensors", {}).items()}
+    except (OSError, ValueError, TypeError, AttributeError) as exc:
+        raise CalibrationError(f"{path}: not a valid recipe ({exc}); expected {{\"tensors\": {{name: {{bits|lo|hi|skip}}}}}}") from None
+
+
+@cli.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Output model (default: <model>.quant.onnx).")
+@click.option("--calib-data", type=click.Path(path_type=Path), help=".npz / .npy file, or a folder of them or of images.")
+@click.option("--synthetic", type=click.IntRange(min=1), help="Calibrate on N random samples from the input spec.")
+@click.option("--input-shape", multiple=True, help="Shape of a dynamic input for --synthetic: name:1x3x224x224.")
+@click.option("--int-range", multiple=True, help="Range of an integer input for --synthetic: name:LO,HI.")
+@click.option("--calib-samples", type=click.IntRange(min=1), help="Use at most N calibration samples.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--method", type=click.Choice(["minmax", "percentile", "entropy", "mse"]), default="minmax", show_default=True)
+@click.option("--percentile", type=click.FloatRange(50, 100), default=None, help="Percentile for --method percentile.")
+@click.option("--target", type=click.Choice(["ort", "tensorrt"]), default="ort", show_default=True)
+@click.option("--weight-bits", type=click.IntRange(2, 8), default=8, show_default=True)
+@click.option("--act-bits", type=click.IntRange(2, 8), default=8, show_default=True)
+@click.option("--per-tensor", is_flag=True, help="Per-tensor weight scales instead of per channel.")
+@click.option("--weighted-only", is_flag=True, help="Quantize only Conv/ConvTranspose/Gemm/MatMul inputs.")
+@click.option("--exclude", multiple=True, help="Keep nodes float: glob on node name or op type; repeatable.")
+@click.option("--recipe", type=click.Path(path_type=Path), help="JSON per-tensor overrides.")
+@click.option("--report", type=click.Path(path_type=Path), help="Write scales and the per-layer error table as JSON.")
+@click.option("--save-table", type=click.Path(path_type=Path), help="Write the calibration table as JSON.")
+@click.option("--quiet", is_flag=True, help="No progress bar or summary.")
+@_output_options
+def quantize(model, output, calib_data, synthetic, input_shape, int_range, calib_samples, batch_size, method, percentile,
+             target, weight_bits, act_bits, per_tensor, weighted_only, exclude, recipe, report, save_table, quiet,
+             overwrite, external_data, external_data_threshold, external_data_location):
+    """Quantize MODEL to QDQ: fold-batchnorm, cleanup, calibrate, insert-qdq; report fidelity."""
+    from ..calib import data as cdata
+    from ..quant.quantize import QuantizeOptions, quantize as run_quantize
+
+    if (calib_data is None) == (synthetic is None):
+        raise click.UsageError("give exactly one of --calib-data PATH or --synthetic N")
+    out = resolve_output(model, output, "quant", overwrite)
+    for path, what in ((report, "report"), (save_table, "calibration table")):
+        if path is not None:
+            check_writable(path, what, avoid=[model, out])
+    options = QuantizeOptions(
+        method=method, target=target, weight_bits=weight_bits, act_bits=act_bits, per_channel=not per_tensor,
+        exclude=tuple(exclude), overrides=_load_recipe(recipe), weighted_only=weighted_only,
+        observer_options={"percentile": percentile} if percentile is not None else {}, progress=not quiet,
+    )
+    m = load(model)
+    if synthetic is not None:
+        source = cdata.synthetic_source(m, synthetic, input_shapes=cdata.parse_input_shapes(input_shape),
+                                        int_ranges=_parse_int_ranges(int_range), batch_size=batch_size)
+    else:
+        source = cdata.open_source(calib_data, m, batch_size=batch_size)
+    if calib_samples is not None:
+        source = cdata.limit(source, calib_samples)
+    result = run_quantize(m, source, options)
+    save(result.model, out, external_data=external_data, size_threshold=external_data_threshold, location=external_data_location)
+    if save_table is not None:
+        result.table.save(save_table)
+    if report is not None:
+        with atomic_file(report) as tmp:
+            tmp.write_text(json.dumps({"input": str(model), "output": str(out), **result.as_dict()}, indent=1) + "\n")
+    if not quiet:
+        _print_quantize_summary(result)
+    click.echo(f"wrote {out}")
+
+
+def _print_quantize_summary(result) -> None:
+    counts = result.counts
+    click.echo(
+        f"quantized {counts.get('insert-qdq.weight', 0)} weighted layers, "
+        f"{counts.get('insert-qdq.activation', 0)} activation tensors "
+        f"({result.options.target}, W{result.options.weight_bits}A{result.options.act_bits}, {result.options.method}, "
+        f"{result.table.samples} calibration samples)"
+    )
+    skipped = result.skipped
+    if skipped:
+        click.echo(f"skipped {len(skipped)}:")
+        for s in skipped[:10]:
+            click.echo(f"  {s.op_type} '{s.node}': {s.reason}")
+        if len(skipped) > 10:
+            click.echo(f"  ... {len(skipped) - 10} more in --report")
+    worst = sorted(result.layers, key=lambda x: x.sqnr_db)[:5]
+    if worst:
+        click.echo("worst layers by SQNR: " + ", ".join(f"{x.node or x.output} {x.sqnr_db:.1f} dB" for x in worst))
+    for o in result.outputs:
+        click.echo(f"fidelity on calibration data: {o.name} SQNR {o.sqnr_db:.1f} dB, cosine mean {o.cosine_mean:.4f} min {o.cosine_min:.4f}")
+
+
+@cli.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--target", type=click.Choice(["tensorrt"]), default="tensorrt", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def lint(model, target, as_json):
+    """Check a QDQ model against TARGET's quantization rules; exit 12 when violations exist."""
+    from ..errors import LintError
+    from ..export.tensorrt_lint import lint_tensorrt
+
+    violations = lint_tensorrt(load(model))
+    if as_json:
+        click.echo(json.dumps([v.as_dict() for v in violations], indent=2))
+    else:
+        for v in violations:
+            click.echo(f"{v.rule:<22} {v.node}: {v.message}")
+        click.echo(f"{len(violations)} violation(s) of TensorRT rules" if violations else "no violations")
+    if violations:
+        raise LintError(f"{model}: {len(violations)} violation(s) of {target} rules")
+
+
 @cli.command("transforms")
 def list_transforms():
     """List the registered transforms."""

@@ -1,0 +1,1 @@
+"""Target-specific rules and checks."""

@@ -1,0 +1,197 @@
+"""The quantize pipeline: fold-batchnorm, cleanup, calibration, insert-qdq, and a fidelity report.
+
+``quantize(model, source, QuantizeOptions(...))`` mutates ``model`` into its QDQ form and returns
+a QuantizeResult with the calibration table, what each step did, per-tensor quantization
+parameters, a per-layer error table (SQNR of every quantized layer's output against the float
+model on the calibration data) and the fidelity of the graph outputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+import numpy as np
+
+from ..calib.collect import calibrate
+from ..calib.data import CalibrationSource, check_source
+from ..calib.qparams import compute_qparams
+from ..calib.table import CalibrationTable
+from ..graph.model import Model
+from ..graph.query import GraphIndex
+from ..testing.equivalence import run
+from ..transforms import Cleanup, FoldBatchNorm, Pipeline, Skip, TransformResult
+from .insert_qdq import InsertQDQ, TensorOverride
+from .profiles import WEIGHTED_OPS, get_profile
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizeOptions:
+    method: str = "minmax"
+    target: str = "ort"
+    weight_bits: int = 8
+    act_bits: int = 8
+    per_channel: bool = True
+    exclude: tuple[str, ...] = ()
+    overrides: Mapping[str, TensorOverride] = dataclasses.field(default_factory=dict)
+    weighted_only: bool = False
+    observer_options: Mapping[str, object] = dataclasses.field(default_factory=dict)
+    progress: bool = True
+    report_samples: int = 64
+
+    def insert_qdq(self, table: CalibrationTable | None = None) -> InsertQDQ:
+        return InsertQDQ(
+            table=table,
+            target=self.target,
+            weight_bits=self.weight_bits,
+            act_bits=self.act_bits,
+            per_channel=self.per_channel,
+            exclude=self.exclude,
+            overrides=self.overrides,
+            weighted_only=self.weighted_only,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerError:
+    node: str
+    op_type: str
+    output: str
+    sqnr_db: float
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputFidelity:
+    name: str
+    sqnr_db: float
+    cosine_mean: float
+    cosine_min: float
+
+
+@dataclasses.dataclass
+class QuantizeResult:
+    model: Model
+    table: CalibrationTable
+    steps: list[TransformResult]
+    layers: list[LayerError]
+    outputs: list[OutputFidelity]
+    options: QuantizeOptions
+
+    @property
+    def skipped(self) -> list[Skip]:
+        return [s for step in self.steps for s in step.skipped]
+
+    @property
+    def counts(self) -> dict[str, int]:
+        merged: dict[str, int] = {}
+        for step in self.steps:
+            merged.update(step.counts)
+        return merged
+
+    def scales(self) -> dict[str, dict[str, float]]:
+        """Per-tensor activation quantization parameters, as insert-qdq computed them."""
+        scheme = get_profile(self.options.target).act_scheme(self.options.act_bits)
+        out = {}
+        for name, r in sorted(self.table.ranges.items()):
+            scale, zp = compute_qparams(r.lo, r.hi, scheme)
+            out[name] = {"scale": float(scale), "zero_point": int(zp), "lo": r.lo, "hi": r.hi, "min": r.min, "max": r.max}
+        return out
+
+    def as_dict(self) -> dict:
+        o = self.options
+        return {
+            "target": o.target,
+            "method": o.method,
+            "weight_bits": o.weight_bits,
+            "act_bits": o.act_bits,
+            "per_channel": o.per_channel,
+            "calibration_samples": self.table.samples,
+            "counts": self.counts,
+            "steps": [s.as_dict() for s in self.steps],
+            "skipped": [s.as_dict() for s in self.skipped],
+            "scales": self.scales(),
+            "layers": [dataclasses.asdict(x) for x in self.layers],
+            "outputs": [dataclasses.asdict(x) for x in self.outputs],
+        }
+
+
+def quantize(model: Model, source: CalibrationSource, options: QuantizeOptions = QuantizeOptions()) -> QuantizeResult:
+    """Quantize ``model`` in place; see the module docstring."""
+    check_source(model, source)
+    prep = Pipeline([FoldBatchNorm(), Cleanup()])(model)
+    planner = options.insert_qdq()
+    tensors = planner.plan(model).tensors_to_calibrate()
+    scheme = planner.profile.act_scheme(options.act_bits)
+    table = calibrate(
+        model,
+        source,
+        method=options.method,
+        tensors=tensors,
+        scheme=scheme,
+        observer_options=dict(options.observer_options),
+        progress=options.progress,
+    )
+    reference = model.copy()
+    qdq = options.insert_qdq(table)(model)
+    layers, outputs = measure_fidelity(reference, model, source, options.report_samples)
+    return QuantizeResult(model, table, [*prep.children, qdq], layers, outputs, options)
+
+
+def quantized_layers(model: Model) -> list[tuple[str, str, str]]:
+    """(node name, op type, output) of every weighted op whose weight is dequantized."""
+    idx = GraphIndex(model.graph)
+    out = []
+    for node in idx.nodes:
+        if node.op_type in WEIGHTED_OPS and len(node.input) > 1:
+            p = idx.producer_of(node.input[1])
+            if p is not None and p.op_type == "DequantizeLinear":
+                out.append((node.name, node.op_type, node.output[0]))
+    return out
+
+
+def measure_fidelity(
+    reference: Model, quantized: Model, source: CalibrationSource, max_samples: int
+) -> tuple[list[LayerError], list[OutputFidelity]]:
+    """SQNR of each quantized layer's output and of each graph output, plus output cosine, on up to ``max_samples``."""
+    layers = quantized_layers(quantized)
+    names = [o for _, _, o in layers]
+    graph_outputs = [o.name for o in reference.graph.output]
+    signal: dict[str, float] = {}
+    noise: dict[str, float] = {}
+    cosines: dict[str, list[np.ndarray]] = {n: [] for n in graph_outputs}
+    seen = 0
+    for batch in source:
+        a = run(reference, batch, names)
+        b = run(quantized, batch, names)
+        for n in set(names) | set(graph_outputs):
+            if n in a and n in b:
+                ref, q = a[n].astype(np.float64), b[n].astype(np.float64)
+                signal[n] = signal.get(n, 0.0) + float((ref**2).sum())
+                noise[n] = noise.get(n, 0.0) + float(((ref - q) ** 2).sum())
+        for n in graph_outputs:
+            if n in a and n in b and a[n].ndim >= 1:
+                cosines[n].append(_cosine(a[n], b[n]))
+        seen += len(next(iter(batch.values())))
+        if seen >= max_samples:
+            break
+    layer_rows = [LayerError(node, op, out, _sqnr(signal.get(out), noise.get(out))) for node, op, out in layers if out in signal]
+    outputs = []
+    for n in graph_outputs:
+        cos = np.concatenate(cosines[n]) if cosines[n] else np.array([np.nan])
+        outputs.append(OutputFidelity(n, _sqnr(signal.get(n), noise.get(n)), float(np.nanmean(cos)), float(np.nanmin(cos))))
+    return layer_rows, outputs
+
+
+def _sqnr(signal: float | None, noise: float | None) -> float:
+    if signal is None or noise is None:
+        return float("nan")
+    if noise == 0:
+        return float("inf")
+    return float(10 * np.log10(max(signal, 1e-300) / noise))
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a = a.reshape(a.shape[0], -1).astype(np.float64)
+    b = b.reshape(b.shape[0], -1).astype(np.float64)
+    den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    return np.where(den > 0, (a * b).sum(axis=1) / np.maximum(den, 1e-300), 1.0)
