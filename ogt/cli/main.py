@@ -187,7 +187,14 @@ def _load_recipe(path: Path | None):
 @click.option("--weight-bits", type=click.IntRange(2, 8), default=8, show_default=True)
 @click.option("--act-bits", type=click.IntRange(2, 8), default=8, show_default=True)
 @click.option("--per-tensor", is_flag=True, help="Per-tensor weight scales instead of per channel.")
-@click.option("--weighted-only", is_flag=True, help="Quantize only Conv/ConvTranspose/Gemm/MatMul inputs.")
+@click.option(
+    "--placement",
+    type=click.Choice(["auto", "full", "weighted"]),
+    default="auto",
+    show_default=True,
+    help="full: Q/DQ on every quantizable op's inputs; weighted: only Conv/Gemm/MatMul; auto: full, minus op "
+    "families whose Q/DQ cost more than 1 dB of output SQNR on the calibration data.",
+)
 @click.option("--exclude", multiple=True, help="Keep nodes float: glob on node name or op type; repeatable.")
 @click.option("--recipe", type=click.Path(path_type=Path), help="JSON per-tensor overrides.")
 @click.option("--report", type=click.Path(path_type=Path), help="Write scales and the per-layer error table as JSON.")
@@ -195,7 +202,7 @@ def _load_recipe(path: Path | None):
 @click.option("--quiet", is_flag=True, help="No progress bar or summary.")
 @_output_options
 def quantize(model, output, calib_data, synthetic, input_shape, int_range, calib_samples, batch_size, method, percentile,
-             target, weight_bits, act_bits, per_tensor, weighted_only, exclude, recipe, report, save_table, quiet,
+             target, weight_bits, act_bits, per_tensor, placement, exclude, recipe, report, save_table, quiet,
              overwrite, external_data, external_data_threshold, external_data_location):
     """Quantize MODEL to QDQ: fold-batchnorm, cleanup, calibrate, insert-qdq; report fidelity."""
     from ..calib import data as cdata
@@ -209,7 +216,7 @@ def quantize(model, output, calib_data, synthetic, input_shape, int_range, calib
             check_writable(path, what, avoid=[model, out])
     options = QuantizeOptions(
         method=method, target=target, weight_bits=weight_bits, act_bits=act_bits, per_channel=not per_tensor,
-        exclude=tuple(exclude), overrides=_load_recipe(recipe), weighted_only=weighted_only,
+        exclude=tuple(exclude), overrides=_load_recipe(recipe), placement=placement,
         observer_options={"percentile": percentile} if percentile is not None else {}, progress=not quiet,
     )
     m = load(model)
@@ -240,6 +247,9 @@ def _print_quantize_summary(result) -> None:
         f"({result.options.target}, W{result.options.weight_bits}A{result.options.act_bits}, {result.options.method}, "
         f"{result.table.samples} calibration samples)"
     )
+    if result.placement.get("kept_float"):
+        click.echo("placement auto: kept float the inputs of " + ", ".join(result.placement["kept_float"])
+                   + " (each cost more than 1 dB of output SQNR)")
     skipped = result.skipped
     if skipped:
         click.echo(f"skipped {len(skipped)}:")

@@ -74,6 +74,7 @@ class InsertQDQ(Transform):
     overrides: Mapping[str, TensorOverride] = dataclasses.field(default_factory=dict)
     max_range: float = 1e6
     weighted_only: bool = False
+    keep_float_ops: tuple[str, ...] = ()  # op types whose activation inputs stay float (weighted ops unaffected)
 
     def __post_init__(self) -> None:
         get_profile(self.target)
@@ -122,7 +123,11 @@ class _Planner:
                 continue
             if node.op_type in WEIGHTED_OPS:
                 self._weighted(i, node)
-            elif node.op_type in self.profile.activation_ops and not self.t.weighted_only:
+            elif (
+                node.op_type in self.profile.activation_ops
+                and not self.t.weighted_only
+                and node.op_type not in self.t.keep_float_ops
+            ):
                 self._activation_op(i, node)
         acts = {name: slots for name, slots in self.acts.items() if self._eligible(name, slots)}
         groups = [[n for n in g if n in acts] for g in self.concats]

@@ -9,6 +9,7 @@ model on the calibration data) and the fidelity of the graph outputs.
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter
 from collections.abc import Mapping
 
 import numpy as np
@@ -19,7 +20,7 @@ from ..calib.qparams import compute_qparams
 from ..calib.table import CalibrationTable
 from ..graph.model import Model
 from ..graph.query import GraphIndex
-from ..testing.equivalence import run
+from ..testing.equivalence import Runner
 from ..transforms import Cleanup, FoldBatchNorm, Pipeline, Skip, TransformResult
 from .insert_qdq import InsertQDQ, TensorOverride
 from .profiles import WEIGHTED_OPS, get_profile
@@ -34,12 +35,18 @@ class QuantizeOptions:
     per_channel: bool = True
     exclude: tuple[str, ...] = ()
     overrides: Mapping[str, TensorOverride] = dataclasses.field(default_factory=dict)
-    weighted_only: bool = False
+    placement: str = "auto"  # "auto" | "full" | "weighted"
     observer_options: Mapping[str, object] = dataclasses.field(default_factory=dict)
     progress: bool = True
     report_samples: int = 64
+    placement_samples: int = 16
+    placement_gain_db: float = 1.0
 
-    def insert_qdq(self, table: CalibrationTable | None = None) -> InsertQDQ:
+    def __post_init__(self) -> None:
+        if self.placement not in PLACEMENTS:
+            raise ValueError(f"placement must be one of {', '.join(PLACEMENTS)}, got {self.placement!r}")
+
+    def insert_qdq(self, table: CalibrationTable | None = None, drop_ops: tuple[str, ...] = ()) -> InsertQDQ:
         return InsertQDQ(
             table=table,
             target=self.target,
@@ -48,8 +55,12 @@ class QuantizeOptions:
             per_channel=self.per_channel,
             exclude=self.exclude,
             overrides=self.overrides,
-            weighted_only=self.weighted_only,
+            weighted_only=self.placement == "weighted",
+            keep_float_ops=drop_ops,
         )
+
+
+PLACEMENTS = ("auto", "full", "weighted")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +87,7 @@ class QuantizeResult:
     layers: list[LayerError]
     outputs: list[OutputFidelity]
     options: QuantizeOptions
+    placement: dict = dataclasses.field(default_factory=dict)
 
     @property
     def skipped(self) -> list[Skip]:
@@ -112,6 +124,7 @@ class QuantizeResult:
             "scales": self.scales(),
             "layers": [dataclasses.asdict(x) for x in self.layers],
             "outputs": [dataclasses.asdict(x) for x in self.outputs],
+            "placement": self.placement,
         }
 
 
@@ -132,9 +145,64 @@ def quantize(model: Model, source: CalibrationSource, options: QuantizeOptions =
         progress=options.progress,
     )
     reference = model.copy()
-    qdq = options.insert_qdq(table)(model)
+    placement = choose_placement(reference, table, source, options)
+    qdq = options.insert_qdq(table, tuple(placement["kept_float"]))(model)
     layers, outputs = measure_fidelity(reference, model, source, options.report_samples)
-    return QuantizeResult(model, table, [*prep.children, qdq], layers, outputs, options)
+    return QuantizeResult(model, table, [*prep.children, qdq], layers, outputs, options, placement)
+
+
+def choose_placement(reference: Model, table: CalibrationTable, source: CalibrationSource, options: QuantizeOptions) -> dict:
+    """``auto``: start from the full placement; keep an op family's inputs float when that alone
+    raises the output SQNR on calibration data by more than ``placement_gain_db``.
+
+    Transformers lose most of their fidelity to Q/DQ on the residual and bias Adds (outliers), CNNs
+    need those Q/DQ for onnxruntime's integer fusion and lose nothing: the data decides.
+    """
+    if options.placement != "auto":
+        return {"mode": options.placement, "kept_float": [], "trials": {}}
+    plan = options.insert_qdq(table).plan(reference)
+    idx = GraphIndex(reference.graph)
+    families = Counter(idx.nodes[i].op_type for slots in plan.activations.values() for i, _ in slots)
+    families = Counter({op: n for op, n in families.items() if op not in WEIGHTED_OPS})
+    if not families:
+        return {"mode": "auto", "kept_float": [], "trials": {}}
+    batches = _first_samples(source, options.placement_samples)
+    run_ref = Runner(reference)
+    expected = [run_ref(b) for b in batches]
+    kept: list[str] = []
+    best = _output_sqnr(reference, options.insert_qdq(table), batches, expected)
+    trials = {"full": best}
+    for op, _ in families.most_common():
+        score = _output_sqnr(reference, options.insert_qdq(table, (*kept, op)), batches, expected)
+        trials[f"without {op}"] = score
+        if score > best + options.placement_gain_db:
+            kept.append(op)
+            best = score
+    return {"mode": "auto", "kept_float": kept, "trials": {k: round(v, 2) for k, v in trials.items()}}
+
+
+def _first_samples(source: CalibrationSource, n: int) -> list[dict[str, np.ndarray]]:
+    out, seen = [], 0
+    for batch in source:
+        out.append(batch)
+        seen += len(next(iter(batch.values())))
+        if seen >= n:
+            break
+    return out
+
+
+def _output_sqnr(reference: Model, transform: InsertQDQ, batches, expected) -> float:
+    trial = reference.copy()
+    transform(trial)
+    run_q = Runner(trial)
+    signal, noise = 0.0, 0.0
+    for batch, ref in zip(batches, expected):
+        got = run_q(batch)
+        for name, a in ref.items():
+            if a.dtype.kind == "f":
+                signal += float((a.astype(np.float64) ** 2).sum())
+                noise += float(((a.astype(np.float64) - got[name]) ** 2).sum())
+    return _sqnr(signal, noise)
 
 
 def quantized_layers(model: Model) -> list[tuple[str, str, str]]:
@@ -160,9 +228,9 @@ def measure_fidelity(
     noise: dict[str, float] = {}
     cosines: dict[str, list[np.ndarray]] = {n: [] for n in graph_outputs}
     seen = 0
+    run_ref, run_q = Runner(reference, names), Runner(quantized, names)
     for batch in source:
-        a = run(reference, batch, names)
-        b = run(quantized, batch, names)
+        a, b = run_ref(batch), run_q(batch)
         for n in set(names) | set(graph_outputs):
             if n in a and n in b:
                 ref, q = a[n].astype(np.float64), b[n].astype(np.float64)

@@ -57,12 +57,20 @@ def random_feeds(model: ModelLike, *, seed: int = 0, dim_value: int = 2, int_hig
 
 def run(model: ModelLike, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
     """Run in onnxruntime CPU with graph optimisations disabled; returns outputs by name."""
-    m = as_model(model)
-    with tempfile.TemporaryDirectory(prefix="ogt-eq-") as tmp:
-        session = _session(m, Path(tmp), outputs)
-        names = [o.name for o in session.get_outputs()]
-        values = session.run(names, feeds)
-    return dict(zip(names, values))
+    return Runner(model, outputs)(feeds)
+
+
+class Runner:
+    """One onnxruntime session (optimisations off) for many runs; ``outputs`` adds intermediate tensors."""
+
+    def __init__(self, model: ModelLike, outputs: list[str] | None = None):
+        m = as_model(model)
+        with tempfile.TemporaryDirectory(prefix="ogt-eq-") as tmp:
+            self.session = _session(m, Path(tmp), outputs)
+        self.names = [o.name for o in self.session.get_outputs()]
+
+    def __call__(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return dict(zip(self.names, self.session.run(self.names, feeds)))
 
 
 def _session(m: Model, tmp: Path, extra_outputs: list[str] | None) -> ort.InferenceSession:
