@@ -174,7 +174,7 @@ def _load_mobilenet_v2() -> torch.nn.Module:
     return net.eval()
 
 
-def _export_mobilenet_v2(net: torch.nn.Module, path: Path) -> None:
+def _export_keeping_bn(net: torch.nn.Module, path: Path, sample_shape: tuple[int, ...]) -> None:
     """Export with the TorchScript exporter, keeping BatchNormalization nodes.
 
     In eval mode the exporter folds Conv+BN only inside its constant-folding pass, so
@@ -188,7 +188,7 @@ def _export_mobilenet_v2(net: torch.nn.Module, path: Path) -> None:
         warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
         torch.onnx.export(
             net,
-            (torch.zeros(1, 3, 224, 224),),
+            (torch.zeros(*sample_shape),),
             str(path),
             dynamo=False,
             do_constant_folding=False,
@@ -229,7 +229,7 @@ def mobilenet_v2(rebuild: bool = False) -> Path:
     net = _load_mobilenet_v2()
 
     def build(tmp: Path) -> None:
-        _export_mobilenet_v2(net, tmp)
+        _export_keeping_bn(net, tmp, (1, 3, 224, 224))
         onnx.checker.check_model(str(tmp))
         _expect_bn(tmp, MOBILENET_V2_BN, "mobilenet_v2")
         _check_against_torch(net, tmp)
@@ -327,26 +327,6 @@ def minilm_tokenizer(max_length: int = 64) -> tokenizers.Tokenizer:
 # --------------------------------------------------------------------------- digits_cnn
 
 
-def _export_digits_cnn(net: torch.nn.Module, path: Path) -> None:
-    """TorchScript export keeping BatchNormalization (see :func:`_export_mobilenet_v2`)."""
-    import torch
-
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx")
-        warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
-        torch.onnx.export(
-            net,
-            (torch.zeros(1, 1, 8, 8),),
-            str(path),
-            dynamo=False,
-            do_constant_folding=False,
-            opset_version=MOBILENET_V2_OPSET,
-            input_names=["input"],
-            output_names=["logits"],
-            dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}},
-        )
-
-
 def digits_accuracy(path: Path, x: np.ndarray, y: np.ndarray) -> float:
     """Top-1 accuracy of the ONNX classifier at ``path`` on ``x`` (onnxruntime CPU)."""
     import onnxruntime as ort
@@ -374,7 +354,7 @@ def digits_cnn(rebuild: bool = False) -> Path:
     net = train_digits_cnn(split.x_train, split.y_train)
 
     def build(tmp: Path) -> None:
-        _export_digits_cnn(net, tmp)
+        _export_keeping_bn(net, tmp, (1, 1, 8, 8))
         onnx.checker.check_model(str(tmp))
         _expect_bn(tmp, DIGITS_CNN_BN, "digits_cnn")
         _check_against_torch(net, tmp, (2, 1, 8, 8), "digits_cnn")
