@@ -24,10 +24,8 @@ import json
 import os
 import platform
 import shutil
-import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -37,6 +35,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 from onnx import TensorProto, helper
+
+from _harness import Measurement, run_measured  # shared process measurement (GNU time / wait4)
 
 BENCH_DIR = Path(__file__).resolve().parent
 DEFAULT_WORK_DIR = BENCH_DIR / "work"
@@ -213,73 +213,6 @@ def ensure_stack(spec: StackSpec, work_dir: Path) -> tuple[Path, float | None]:
 
 GNU_TIME = Path("/usr/bin/time")
 TIME_FORMAT = "%M %U %S"  # peak RSS KiB, user s, sys s
-
-
-@dataclass(frozen=True)
-class Measurement:
-    returncode: int
-    timed_out: bool
-    wall_s: float
-    peak_rss_bytes: int
-    user_s: float
-    sys_s: float
-    rss_source: str  # "gnu-time" or "wait4"
-
-
-def _direct_children(pid: int) -> list[int]:
-    try:
-        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        return []
-
-
-def _kill_on_timeout(pid: int, via_time: bool, timed_out: threading.Event) -> None:
-    """Kill the contender; under GNU time kill only time's child first, so time still reports."""
-    timed_out.set()
-    for child in _direct_children(pid) if via_time else []:
-        os.kill(child, signal.SIGKILL)
-    time.sleep(5)
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-
-
-def _parse_time_file(path: Path) -> tuple[int, float, float] | None:
-    try:
-        rss_kib, user, sys_ = path.read_text().strip().splitlines()[-1].split()
-        return int(rss_kib) * 1024, float(user), float(sys_)
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def run_measured(argv: Sequence[str], cwd: Path, log_path: Path, timeout_s: float) -> Measurement:
-    """Run argv in its own process group and measure wall time and its own peak RSS.
-
-    A fork of this harness starts with the harness's own RSS high-water mark, which ends up in
-    the child's ``ru_maxrss`` after exec. So when GNU time is present the contender is started
-    by it (a ~2 MB process) and its ``%M`` is reported; otherwise ``os.wait4`` of the direct
-    child is used (a floor of this harness's RSS, tens of MB, is then included).
-    """
-    via_time = GNU_TIME.exists()
-    time_file = log_path.with_suffix(".time")
-    cmd = [str(GNU_TIME), "-f", TIME_FORMAT, "-o", str(time_file), *argv] if via_time else list(argv)
-    timed_out = threading.Event()
-    with log_path.open("wb") as log:
-        start = time.perf_counter()
-        proc = subprocess.Popen(cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        timer = threading.Timer(timeout_s, _kill_on_timeout, (proc.pid, via_time, timed_out))
-        timer.start()
-        try:
-            _, status, usage = os.wait4(proc.pid, 0)
-        finally:
-            timer.cancel()
-        wall = time.perf_counter() - start
-    proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
-    timed = _parse_time_file(time_file) if via_time else None
-    rss, user, sys_ = timed or (usage.ru_maxrss * 1024, usage.ru_utime, usage.ru_stime)  # KiB on Linux
-    return Measurement(proc.returncode, timed_out.is_set(), wall, rss, user, sys_,
-                       "gnu-time" if timed else "wait4")
 
 
 def warm_page_cache(paths: Sequence[Path]) -> None:
