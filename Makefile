@@ -27,7 +27,12 @@ demo: install
 	$(BIN)/ogt inspect models/demo/tiny_cnn.onnx
 	$(BIN)/ogt transform models/demo/tiny_cnn.onnx -o build/demo/tiny_cnn.folded.onnx \
 		-t fold-batchnorm -t cleanup --report build/demo/report.json
-	$(BIN)/ogt inspect build/demo/tiny_cnn.folded.onnx
+	$(BIN)/ogt quantize models/demo/tiny_cnn.onnx -o build/demo/tiny_cnn.int8.onnx \
+		--synthetic 64 --batch-size 8 --method mse --report build/demo/quantize_report.json
+	$(BIN)/ogt quantize models/demo/tiny_cnn.onnx -o build/demo/tiny_cnn.trt.onnx \
+		--synthetic 64 --batch-size 8 --method entropy --target tensorrt --quiet
+	$(BIN)/ogt lint --target tensorrt build/demo/tiny_cnn.trt.onnx
+	$(BIN)/ogt inspect build/demo/tiny_cnn.int8.onnx
 
 test: test-deps
 	$(BIN)/python -m models.recipes all
