@@ -22,7 +22,7 @@ from typing import ClassVar
 import numpy as np
 from onnx import NodeProto, TensorProto
 
-from ..calib.qparams import QScheme, compute_qparams, quantize
+from ..calib.qparams import compute_qparams, quantize
 from ..calib.table import CalibrationTable
 from ..errors import TransformError
 from ..graph.build import add_initializer, make_node, rebuild_nodes, remove_initializers
@@ -148,17 +148,13 @@ class _Planner:
         if producer is not None and producer.op_type == "DequantizeLinear":
             return  # already quantized: a second run changes nothing
         wt = idx.constant_storage(w_name)
-        if wt is None:
+        if wt is None:  # a MatMul of two activations (attention scores) stays float without comment
             if node.op_type != "MatMul":
                 self.skipped.append(Skip(node.name, node.op_type, f"weight {idx.why_not_constant(w_name)}"))
-            elif not self.t.weighted_only and self.profile.name == "ort":
-                pass  # MatMul of two activations stays float (attention scores)
             return
         if wt.data_type not in _FLOAT:
             return
         axis = weight_axis(node.op_type, int(attr(node, "transB", 0)), len(wt.dims), int(attr(node, "group", 1)))
-        if node.op_type == "Gemm" and int(attr(node, "transA", 0)):
-            pass
         others = idx.other_users(w_name, i)
         if others:
             self.skipped.append(Skip(node.name, node.op_type, f"weight '{w_name}' is shared with {', '.join(others)}; left float"))

@@ -292,8 +292,6 @@ def _mutate_folds(model: Model, idx: GraphIndex, folds: list[_Fold]) -> None:
             continue
         elif b_t is None:
             bias = add_initializer(g, names, f"{prod.name or prod.op_type.lower()}.bias", b)
-            while len(prod.input) < 2:
-                prod.input.append("")
             if len(prod.input) == 2:
                 prod.input.append(bias)
             else:
