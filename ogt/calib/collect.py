@@ -262,7 +262,7 @@ def _measure(model, names: list[str], types, first: Batch, providers, chunk: int
     dynamic = {k for k, dims in declared.items() if dims and not dims[0].HasField("dim_value")}
     n = _samples_in(first)
     one = {k: (np.asarray(v)[:1] if k in dynamic and np.ndim(v) else v) for k, v in first.items()}
-    if n > 1 and any(k in dynamic for k in first):
+    if n == 1 or any(k in dynamic for k in first):  # one sample at hand: one session measures everything
         try:
             values = _session(model, names, types, providers).run(names, one)
             return {name: int(getattr(v, "nbytes", 0)) * n for name, v in zip(names, values)}
