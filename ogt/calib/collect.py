@@ -43,6 +43,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto
 
+from .data import batch_len
 from ..errors import CalibrationError
 from ..graph.model import Model, subgraphs
 from ..graph.query import TensorInfo, infer_types, node_reads
@@ -101,7 +102,7 @@ def calibrate(
     _check_batch(first, inputs, 0)
     if not names:
         log.warning("no tensors to calibrate; the calibration table is empty")
-        samples = sum(_samples_in(b) for _, b in reader.batches(0, spill=False, stack=contextlib.ExitStack()))
+        samples = sum(batch_len(b) for _, b in reader.batches(0, spill=False, stack=contextlib.ExitStack()))
         return _table(model, method, samples, scheme, template, observers)
     sizes = _estimate_bytes(model, names, types, first, providers)
     groups = plan_groups(names, sizes, memory_budget_bytes)
@@ -216,13 +217,6 @@ def _check_batch(batch: Mapping[str, np.ndarray], inputs: set[str], k: int) -> N
                                f"its inputs are {sorted(inputs)}")
 
 
-def _samples_in(batch: Mapping[str, np.ndarray]) -> int:
-    for value in batch.values():
-        a = np.asarray(value)
-        return int(a.shape[0]) if a.ndim else 1
-    return 0
-
-
 def _dtype_bytes(elem_type: int) -> int:
     try:
         return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type)).itemsize
@@ -260,7 +254,7 @@ def _measure(model, names: list[str], types, first: Batch, providers, chunk: int
     if the model refuses one sample, run the first batch exposing ``chunk`` tensors at a time."""
     declared = {vi.name: vi.type.tensor_type.shape.dim for vi in model.graph.input}
     dynamic = {k for k, dims in declared.items() if dims and not dims[0].HasField("dim_value")}
-    n = _samples_in(first)
+    n = batch_len(first)
     one = {k: (np.asarray(v)[:1] if k in dynamic and np.ndim(v) else v) for k, v in first.items()}
     if n == 1 or any(k in dynamic for k in first):  # one sample at hand: one session measures everything
         try:
@@ -373,7 +367,7 @@ def _run_pass(session, names: list[str], batches: Iterator[tuple[int, Batch]], o
                 observers[name].update(value)
             del value
         del values
-        n = _samples_in(batch)
+        n = batch_len(batch)
         samples += n
         bar.update(n)
     return samples
@@ -427,7 +421,7 @@ class _Reader:
         n = getattr(self.source, "num_samples", None)
         if n is None and isinstance(self.source, Sequence):
             with contextlib.suppress(Exception):
-                n = sum(_samples_in(b) for b in self.source)
+                n = sum(batch_len(b) for b in self.source)
         return None if n is None else int(n)
 
     def first(self) -> Batch | None:

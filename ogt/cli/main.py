@@ -87,7 +87,7 @@ def check_writable(path: Path, what: str, avoid: list[Path]) -> None:
         raise OutputError(f"{path}: folder {path.parent} for the {what} does not exist")
     if path.is_dir():
         raise OutputError(f"{path}: is a folder; give a file name for the {what}")
-    if any(path.resolve() == p.resolve() for p in avoid if p.exists() or p == avoid[-1]):
+    if any(path.resolve() == p.resolve() for p in avoid):
         raise OutputError(f"{path}: the {what} would overwrite the model")
 
 

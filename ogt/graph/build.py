@@ -8,6 +8,7 @@ from onnx import GraphProto, NodeProto, TensorProto
 
 from . import tensors
 from .names import NameAllocator
+from .query import GraphIndex
 
 
 def add_initializer(graph: GraphProto, names: NameAllocator, hint: str, array: np.ndarray) -> str:
@@ -48,6 +49,21 @@ def rebuild_nodes(graph: GraphProto, replacements: dict[int, list[NodeProto]]) -
             new_nodes.append(node)
     del graph.node[:]  # detached messages stay valid; extend copies them back in
     graph.node.extend(new_nodes)
+
+
+def drop_unread_constants(graph: GraphProto, names: set[str]) -> int:
+    """Delete those of ``names`` (initializers or Constant-node outputs) that nothing reads,
+    that are not graph inputs or outputs; return how many were deleted."""
+    idx = GraphIndex(graph)
+    unread = {
+        n for n in names if not idx.consumers.get(n) and n not in idx.graph_outputs and n not in idx.graph_inputs
+    }
+    if not unread:
+        return 0
+    removed = remove_initializers(graph, unread)
+    dead = {i: [] for i, node in enumerate(idx.nodes) if node.op_type == "Constant" and node.output[0] in unread}
+    rebuild_nodes(graph, dead)
+    return removed + len(dead)
 
 
 def remove_initializers(graph: GraphProto, names: set[str]) -> int:

@@ -231,9 +231,7 @@ def _serialize(model: Model, out: Path) -> bytes:
 @contextlib.contextmanager
 def atomic_file(final: Path) -> Iterator[Path]:
     """Yield a temporary path in ``final``'s folder; rename it to ``final`` on success, delete it on failure."""
-    fd, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
-    os.close(fd)
-    tmp = Path(name)
+    tmp = _temp_beside(final)
     try:
         yield tmp
         if tmp.exists():

@@ -25,10 +25,10 @@ from onnx import NodeProto, TensorProto
 from ..calib.qparams import compute_qparams, quantize
 from ..calib.table import CalibrationTable
 from ..errors import TransformError
-from ..graph.build import add_initializer, make_node, rebuild_nodes, remove_initializers
+from ..graph.build import add_initializer, drop_unread_constants, make_node, rebuild_nodes
 from ..graph.model import Model
 from ..graph.names import NameAllocator
-from ..graph.query import GraphIndex, TensorInfo, attr, describe, infer_types
+from ..graph.query import GraphIndex, TensorInfo, attr, infer_types
 from ..transforms._base import Skip, Transform, TransformContext, TransformResult, counts_of, register
 from .profiles import WEIGHTED_OPS, TargetProfile, get_profile, weight_axis
 
@@ -234,7 +234,7 @@ class _Rewriter:
                 if bi == i and x in self.act_scales:
                     self._bias(i, bslot, self.act_scales[x] * w_scale)
         rebuild_nodes(self.g, {i: nodes + [self.idx.nodes[i]] for i, nodes in self.before.items()})
-        _drop_replaced_floats(self.g, self.replaced)
+        drop_unread_constants(self.g, self.replaced)  # no float copy of a quantized weight stays
         return self.counts
 
     def _ranges(self) -> dict[str, tuple[float, float, int]]:
@@ -315,13 +315,4 @@ class _Rewriter:
         self.counts["bias"] += 1
 
 
-def _drop_replaced_floats(g, replaced: set[str]) -> None:
-    """Delete float weights/biases (initializers or Constant nodes) that nothing reads any more."""
-    idx = GraphIndex(g)
-    unused = {n for n in replaced if not idx.consumers.get(n) and n not in idx.graph_outputs}
-    remove_initializers(g, unused)
-    dead = {i: [] for i, node in enumerate(idx.nodes) if node.op_type == "Constant" and node.output[0] in unused}
-    rebuild_nodes(g, dead)
-
-
-__all__ = ["InsertQDQ", "QdqPlan", "TensorOverride", "describe"]
+__all__ = ["InsertQDQ", "QdqPlan", "TensorOverride"]

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from ..calib.collect import calibrate
-from ..calib.data import CalibrationSource, check_source
+from ..calib.data import CalibrationSource, check_source, limit
 from ..calib.qparams import compute_qparams
 from ..calib.table import CalibrationTable
 from ..graph.model import Model
@@ -170,7 +170,7 @@ def choose_placement(reference: Model, table: CalibrationTable, source: Calibrat
     families = Counter({op: n for op, n in families.items() if op not in needed})
     if not families:
         return {"mode": "auto", "kept_float": [], "fusion_critical": sorted(needed), "trials": {}}
-    batches = _first_samples(source, options.placement_samples)
+    batches = list(limit(source, options.placement_samples))
     run_ref = Runner(reference)
     expected = [run_ref(b) for b in batches]
     kept: list[str] = []
@@ -210,16 +210,6 @@ def _fusion_critical(idx: GraphIndex, plan, profile) -> set[str]:
     return critical - WEIGHTED_OPS
 
 
-def _first_samples(source: CalibrationSource, n: int) -> list[dict[str, np.ndarray]]:
-    out, seen = [], 0
-    for batch in source:
-        out.append(batch)
-        seen += len(next(iter(batch.values())))
-        if seen >= n:
-            break
-    return out
-
-
 def _output_sqnr(reference: Model, transform: InsertQDQ, batches, expected) -> float:
     trial = reference.copy()
     transform(trial)
@@ -256,9 +246,8 @@ def measure_fidelity(
     signal: dict[str, float] = {}
     noise: dict[str, float] = {}
     cosines: dict[str, list[np.ndarray]] = {n: [] for n in graph_outputs}
-    seen = 0
     run_ref, run_q = Runner(reference, names), Runner(quantized, names)
-    for batch in source:
+    for batch in limit(source, max_samples):
         a, b = run_ref(batch), run_q(batch)
         for n in set(names) | set(graph_outputs):
             if n in a and n in b:
@@ -268,9 +257,6 @@ def measure_fidelity(
         for n in graph_outputs:
             if n in a and n in b and a[n].ndim >= 1:
                 cosines[n].append(_cosine(a[n], b[n]))
-        seen += len(next(iter(batch.values())))
-        if seen >= max_samples:
-            break
     layer_rows = [LayerError(node, op, out, _sqnr(signal.get(out), noise.get(out))) for node, op, out in layers if out in signal]
     outputs = []
     for n in graph_outputs:

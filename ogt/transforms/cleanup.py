@@ -24,9 +24,9 @@ from typing import ClassVar
 from onnx import GraphProto, NodeProto
 
 from ..graph import tensors
-from ..graph.build import rebuild_nodes, remove_initializers
+from ..graph.build import drop_unread_constants, rebuild_nodes, remove_initializers
 from ..graph.model import Model, subgraphs
-from ..graph.query import GraphIndex, describe, node_reads
+from ..graph.query import GraphIndex, node_reads
 from ..graph.validate import topological_order
 from ._base import Skip, Transform, TransformContext, TransformResult, counts_of, register
 
@@ -217,13 +217,7 @@ def _dedupe_constant_nodes(g: GraphProto) -> int:
 
 
 def _remove_unused_initializers(g: GraphProto) -> int:
-    idx = GraphIndex(g)
-    unused = {
-        t.name
-        for t in g.initializer
-        if not idx.consumers.get(t.name) and t.name not in idx.graph_outputs and t.name not in idx.graph_inputs
-    }
-    return remove_initializers(g, unused) if unused else 0
+    return drop_unread_constants(g, {t.name for t in g.initializer})
 
 
 def _toposort(g: GraphProto) -> int:
@@ -244,4 +238,4 @@ def _drop_stale_value_info(g: GraphProto) -> int:
     return len(stale)
 
 
-__all__ = ["Cleanup", "describe"]
+__all__ = ["Cleanup"]
