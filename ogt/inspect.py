@@ -9,6 +9,7 @@ from onnx import helper
 
 from .graph import tensors
 from .graph.model import Model
+from .graph.patterns import decomposed_layernorms, default_reader
 from .graph.query import GraphIndex
 
 
@@ -63,7 +64,7 @@ def summarize(model: Model) -> ModelSummary:
         parameter_bytes=sum(tensors.nbytes(t) for t in params),
         batchnorm=hist.get("BatchNormalization", 0),
         layernorm_op=hist.get("LayerNormalization", 0),
-        layernorm_decomposed=count_decomposed_layernorm(idx),
+        layernorm_decomposed=count_decomposed_layernorm(idx, model),
         qdq_pairs=count_qdq_pairs(idx),
         external_data=bool(external),
         external_files=sorted({tensors.external_ref(t).location for t in external}),
@@ -88,55 +89,11 @@ def count_qdq_pairs(idx: GraphIndex) -> int:
     return pairs
 
 
-def count_decomposed_layernorm(idx: GraphIndex) -> int:
-    """LayerNorm written out as ReduceMean, Sub, Pow|Mul, ReduceMean, Add, Sqrt, Div|Reciprocal+Mul."""
-    found = 0
-    for sub in idx.nodes:
-        if sub.op_type != "Sub" or len(sub.input) != 2:
-            continue
-        mean = idx.producer_of(sub.input[1])
-        if mean is None or mean.op_type != "ReduceMean" or mean.input[0] != sub.input[0]:
-            continue
-        if _variance_path_found(idx, sub.output[0]):
-            found += 1
-    return found
-
-
-def _variance_path_found(idx: GraphIndex, centered: str) -> bool:
-    for sq in _readers(idx, centered):
-        squares = (sq.op_type == "Pow" and sq.input[0] == centered and _is_two(idx, sq.input[1])) or (
-            sq.op_type == "Mul" and sq.input[0] == sq.input[1] == centered
-        )
-        if not squares:
-            continue
-        for var in _readers(idx, sq.output[0], "ReduceMean"):
-            for add in _readers(idx, var.output[0], "Add"):
-                for sqrt in _readers(idx, add.output[0], "Sqrt"):
-                    for norm in _readers(idx, sqrt.output[0]):
-                        if norm.op_type == "Div" and norm.input[0] == centered:
-                            return True
-                        if norm.op_type == "Reciprocal" and any(
-                            centered in m.input for m in _readers(idx, norm.output[0], "Mul")
-                        ):
-                            return True
-    return False
-
-
-def _is_two(idx: GraphIndex, name: str) -> bool:
-    t = idx.constant_tensor(name)
-    if t is None:
-        return False
-    from onnx import numpy_helper
-
-    value = numpy_helper.to_array(t) if not t.external_data else None
-    return value is not None and value.size == 1 and float(value.reshape(-1)[0]) == 2.0
-
-
-def _readers(idx: GraphIndex, name: str, op_type: str | None = None):
-    for i in idx.consumers.get(name, ()):
-        node = idx.nodes[i]
-        if op_type is None or node.op_type == op_type:
-            yield node
+def count_decomposed_layernorm(idx: GraphIndex, model: Model | None = None) -> int:
+    """LayerNorm written out as ReduceMean, Sub, Pow|Mul, ReduceMean, Add, Sqrt, Div|Reciprocal+Mul
+    (the matcher in :mod:`ogt.graph.patterns`, shared with the transforms)."""
+    read = (lambda t: model.array(t)) if model is not None else default_reader
+    return len(decomposed_layernorms(idx, read))
 
 
 def format_summary(s: ModelSummary) -> str:

@@ -4,12 +4,20 @@ from ._base import Pipeline, Skip, Transform, TransformContext, TransformResult,
 from .cleanup import Cleanup
 from .fold_batchnorm import FoldBatchNorm
 from .fold_constants import FoldConstants
+from .pack_nm import PackNM
+from .prune_nm import PruneNM
+from .migrate_gamma import MigrateGamma
+from .smoothquant import SmoothQuant
 
 __all__ = [
     "Cleanup",
     "FoldBatchNorm",
     "FoldConstants",
+    "PackNM",
+    "MigrateGamma",
+    "SmoothQuant",
     "Pipeline",
+    "PruneNM",
     "Skip",
     "Transform",
     "TransformContext",
