@@ -169,27 +169,32 @@ def factors(absmax: np.ndarray, wmax: np.ndarray, alpha: float) -> np.ndarray:
     return np.clip(s, *SCALE_LIMITS)
 
 
-def quantized_error(rows: np.ndarray, ws: list[np.ndarray], absmax: np.ndarray, s: np.ndarray) -> float:
-    """Output MSE of ``X W`` against int8 fake-quantized ``(X / s)`` (per tensor) times ``(s W)`` (per column)."""
-    x = rows.astype(np.float64)
-    xs = x / s
-    step = max(float(np.max(absmax / s)), 1e-30) / INT8
+def quantized_error(rows: np.ndarray, ws: list[np.ndarray], absmax: np.ndarray, s: np.ndarray,
+                    refs: list[np.ndarray] | None = None) -> float:
+    """Output MSE of ``X W`` against int8 fake-quantized ``(X / s)`` (per tensor) times ``(s W)`` (per column).
+
+    refs: the float outputs ``X W`` when already computed (the search reuses them).
+    """
+    x = rows.astype(np.float32)
+    xs = x / s.astype(np.float32)
+    step = np.float32(max(float(np.max(absmax / s)), 1e-30) / INT8)
     xq = np.clip(np.round(xs / step), -INT8, INT8) * step
     err = 0.0
-    for w in ws:
+    for k, w in enumerate(ws):
         ww = w * s[:, None]
         wstep = np.maximum(np.abs(ww).max(axis=0), 1e-30) / INT8
-        wq = np.round(ww / wstep) * wstep
-        err += float(np.mean((xq @ wq - x @ w) ** 2))
+        wq = (np.round(ww / wstep) * wstep).astype(np.float32)
+        ref = refs[k] if refs is not None else x @ w.astype(np.float32)
+        err += float(np.mean(np.square(xq @ wq - ref, dtype=np.float64)))
     return err
 
 
 def _search(st: ChannelAbsMax, ws: list[np.ndarray], wmax: np.ndarray, alphas: tuple[float, ...]) -> tuple[float, np.ndarray]:
     if st.rows.shape[0] == 0:
         raise Reject("no calibration rows to search alpha on")
-    ones = np.ones_like(st.absmax)
-    base = quantized_error(st.rows, ws, st.absmax, ones)
-    scored = [(quantized_error(st.rows, ws, st.absmax, factors(st.absmax, wmax, a)), a) for a in alphas]
+    refs = [st.rows.astype(np.float32) @ w.astype(np.float32) for w in ws]
+    base = quantized_error(st.rows, ws, st.absmax, np.ones_like(st.absmax), refs)
+    scored = [(quantized_error(st.rows, ws, st.absmax, factors(st.absmax, wmax, a), refs), a) for a in alphas]
     err, alpha = min(scored)
     if not err < base:
         raise Reject(f"no alpha in {list(alphas)} lowers the int8 output error (best {err:.4g} at alpha={alpha}, "
