@@ -11,6 +11,7 @@ from .graph import tensors
 from .graph.model import Model
 from .graph.patterns import decomposed_layernorms, default_reader
 from .graph.query import GraphIndex
+from .sparsity import WeightSparsity, format_sparsity, sparsity_report
 
 
 @dataclasses.dataclass
@@ -39,6 +40,7 @@ class ModelSummary:
     external_data: bool
     external_files: list[str]
     external_bytes: int
+    sparsity: list[WeightSparsity] = dataclasses.field(default_factory=list)  # per weight: 2:4 pattern, eligibility
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -69,6 +71,7 @@ def summarize(model: Model) -> ModelSummary:
         external_data=bool(external),
         external_files=sorted({tensors.external_ref(t).location for t in external}),
         external_bytes=sum(tensors.nbytes(t) for t in external),
+        sparsity=sparsity_report(model),
     )
 
 
@@ -96,7 +99,7 @@ def count_decomposed_layernorm(idx: GraphIndex, model: Model | None = None) -> i
     return len(decomposed_layernorms(idx, read))
 
 
-def format_summary(s: ModelSummary) -> str:
+def format_summary(s: ModelSummary, sparsity_detail: bool = False) -> str:
     def shape(spec: TensorSpec) -> str:
         return "?" if spec.shape is None else "[" + ", ".join("?" if d is None else str(d) for d in spec.shape) + "]"
 
@@ -120,6 +123,7 @@ def format_summary(s: ModelSummary) -> str:
         lines.append(f"external data       {_bytes(s.external_bytes)} in {', '.join(s.external_files)}")
     else:
         lines.append("external data       none")
+    lines += format_sparsity(s.sparsity, detail=sparsity_detail)
     lines.append("op histogram")
     lines += [f"  {op:<28}{n}" for op, n in s.op_histogram.items()]
     return "\n".join(lines)

@@ -136,13 +136,14 @@ def transform(model, output, names, report, no_validate, overwrite, external_dat
 @cli.command()
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def inspect(model, as_json):
-    """Summarise MODEL: versions, I/O, ops, parameters, BN / LayerNorm / Q-DQ counts, external data."""
+@click.option("--sparsity", "sparsity_detail", is_flag=True, help="List every weight's 2:4 sparsity and eligibility.")
+def inspect(model, as_json, sparsity_detail):
+    """Summarise MODEL: versions, I/O, ops, parameters, BN / LayerNorm / Q-DQ counts, external data, 2:4 sparsity."""
     summary = summarize(load(model))
     if as_json:
         click.echo(json.dumps(summary.as_dict(), indent=2))
     else:
-        click.echo(format_summary(summary))
+        click.echo(format_summary(summary, sparsity_detail=sparsity_detail))
 
 
 def _parse_int_ranges(specs: tuple[str, ...]) -> dict[str, tuple[int, int]]:
@@ -290,6 +291,9 @@ def list_transforms():
     for name in available():
         doc = (create(name).__class__.__doc__ or "").strip().splitlines()
         click.echo(f"{name:<16} {doc[0] if doc else ''}")
+
+
+from . import prune as _prune  # noqa: E402,F401 - registers `ogt prune` on the group above
 
 
 def main(argv: list[str] | None = None) -> None:
