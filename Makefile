@@ -42,6 +42,7 @@ bench: test-deps
 	$(PIP) install -q -e '.[bench]'
 	$(BIN)/python benchmarks/bn_fold_large.py --gb 2.5
 	$(BIN)/python benchmarks/quantize_compare.py
+	$(BIN)/python benchmarks/sparsity_compare.py
 
 clean:
 	rm -rf build .pytest_cache .hypothesis
