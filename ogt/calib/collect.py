@@ -35,7 +35,7 @@ import json
 import logging
 import math
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -71,6 +71,7 @@ def calibrate(
     memory_budget_bytes: int = 512 * 2**20,
     progress: bool = True,
     providers: Sequence = ("CPUExecutionProvider",),
+    taps: Mapping[str, Callable[[np.ndarray], None]] | None = None,
 ) -> CalibrationTable:
     """Per-tensor activation ranges of ``model`` over the batches of ``source``.
 
@@ -83,6 +84,8 @@ def calibrate(
     scheme: the quantisation scheme the clip ranges are chosen for (per-tensor: ``axis=None``).
     memory_budget_bytes: most bytes of exposed tensors per batch; more means several passes.
     progress: show a progress bar (on a terminal) over the samples.
+    taps: extra per-tensor consumers called with every batch's value of a calibrated tensor
+        (streaming statistics beside the ranges, e.g. the channel means bias correction needs).
     """
     if scheme.axis is not None:
         raise ValueError("calibrate computes per-tensor activation ranges; use a scheme with axis=None")
@@ -118,7 +121,7 @@ def calibrate(
                 bar.set_description(f"calibrating (pass {g + 1}/{len(groups)})")
             session = _session(model, group, types, providers)
             batches = reader.batches(g, spill=len(groups) > 1, stack=stack)
-            n = _run_pass(session, group, batches, observers, inputs, bar)
+            n = _run_pass(session, group, batches, observers, inputs, bar, taps or {})
             if samples is not None and n != samples:
                 raise CalibrationError(
                     f"the calibration source yielded {samples} samples on its first read and {n} on read {g + 1}; "
@@ -350,7 +353,7 @@ def _session_from_folder(model: Model, proto: onnx.ModelProto, providers) -> ort
             raise CalibrationError(f"onnxruntime cannot load the model exposing the calibration tensors: {exc}") from None
 
 
-def _run_pass(session, names: list[str], batches: Iterator[tuple[int, Batch]], observers, inputs, bar) -> int:
+def _run_pass(session, names: list[str], batches: Iterator[tuple[int, Batch]], observers, inputs, bar, taps) -> int:
     """Run every batch, fold each output into its observer and drop it at once. Returns the sample count."""
     samples = 0
     feed_names = {i.name for i in session.get_inputs()}
@@ -365,6 +368,8 @@ def _run_pass(session, names: list[str], batches: Iterator[tuple[int, Batch]], o
             value, values[j] = values[j], None
             if isinstance(value, np.ndarray) and value.dtype.kind == "f":
                 observers[name].update(value)
+                if name in taps:
+                    taps[name](value)
             del value
         del values
         n = batch_len(batch)

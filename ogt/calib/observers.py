@@ -465,7 +465,7 @@ class PercentileObserver(HistogramObserver):
 # -- entropy (KL divergence) ----------------------------------------------------------------------
 
 
-def kl_threshold_bins(hist: np.ndarray, levels: int) -> int:
+def kl_threshold_bins(hist: np.ndarray, levels: int, min_bins: int = 0) -> int:
     """TensorRT's search: the number of bins ``i`` (``levels <= i <= len(hist)``) minimising KL(P || Q).
 
     For each candidate ``i``: ``P`` = ``hist[:i]`` with the outliers ``sum(hist[i:])`` added to
@@ -473,6 +473,7 @@ def kl_threshold_bins(hist: np.ndarray, levels: int) -> int:
     (the last group takes the remainder), each group's mass spread evenly over the bins where
     ``P`` is non-zero. Both normalised; ties go to the larger ``i``. Evaluated for all ``i`` at
     once from prefix sums: the groups except the last depend only on ``m = i // levels``.
+    Candidates below ``min_bins`` are not considered.
     """
     h = np.asarray(hist, np.float64)
     n = len(h)
@@ -511,6 +512,7 @@ def kl_threshold_bins(hist: np.ndarray, levels: int) -> int:
     cross = full[m] + mass_last * safe(q_last)  # sum_k p_k log q_k (q constant over a group)
     kl = (plogp - cross) / total + np.log(np.maximum(cs[i], 1e-300) / total)
     kl = np.where((mass_last > 0) & (q_last <= 0), np.inf, kl)
+    kl = np.where(i < min(min_bins, n), np.inf, kl)
     best = np.flatnonzero(kl == kl.min())
     return int(i[best[-1]])
 
@@ -525,9 +527,24 @@ class EntropyObserver(HistogramObserver):
     for the search, as NVIDIA's pytorch-quantization does, so a spike at zero cannot drag the
     threshold down. Candidates run over the bins the data occupies (``B/2`` to ``B``); the
     threshold is the right edge of the chosen bin count, clamped to the observed extreme.
+
+    ``coverage`` (default 0.999) bounds the search from below: the threshold never clips more
+    than ``1 - coverage`` of a side's values. Without the bound (``coverage=0``, TensorRT's own
+    search) KL divergence finds nothing to choose between thresholds on a locally flat
+    distribution and can clip far into the body: measured on MobileNetV2 (ort target, Q/DQ on
+    weighted-layer inputs) 93.4 % top-1 agreement without it, 98 % with it.
     """
 
     method: ClassVar[str] = "entropy"
+
+    def __init__(self, coverage: float = 0.999, bins: int = 2048, axis: int | None = None):
+        super().__init__(bins, axis)
+        if not 0.0 <= float(coverage) < 1.0:
+            raise ValueError(f"coverage must be in [0, 1), got {coverage!r}")
+        self.coverage = float(coverage)
+
+    def config(self) -> dict:
+        return {"coverage": self.coverage, **super().config()}
 
     def clip_range(self, scheme: QScheme):
         def search(side: np.ndarray, width: float, extreme: float, levels: int) -> float:
@@ -535,9 +552,10 @@ class EntropyObserver(HistogramObserver):
                 return 0.0
             used = min(len(side), math.floor(extreme / width) + 1)
             h = side[:used].copy()
+            floor = _quantile(h, 0.0, width, self.coverage) if self.coverage > 0 and h.sum() > 0 else 0.0
             if len(h) > 1:
                 h[0] = h[1]
-            i = kl_threshold_bins(h, levels)
+            i = kl_threshold_bins(h, levels, math.ceil(floor / width))
             return min(i * width, extreme)
 
         def one(c: int) -> tuple[float, float]:

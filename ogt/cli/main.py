@@ -184,6 +184,11 @@ def _load_recipe(path: Path | None):
 @click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--method", type=click.Choice(["minmax", "percentile", "entropy", "mse"]), default="minmax", show_default=True)
 @click.option("--percentile", type=click.FloatRange(50, 100), default=None, help="Percentile for --method percentile.")
+@click.option("--coverage", type=click.FloatRange(0, 1, max_open=True), default=None,
+              help="--method entropy: never clip more than 1-COVERAGE of a tensor's values (default 0.999; 0 = TensorRT's unbounded search).")
+@click.option("--bias-correction/--no-bias-correction", default=True, show_default=True,
+              help="Subtract the mean output shift each weight's rounding causes from the layer's bias.")
+@click.option("--refine", is_flag=True, help="Search each weighted layer's input range on that layer's output error (slower).")
 @click.option("--target", type=click.Choice(["ort", "tensorrt"]), default="ort", show_default=True)
 @click.option("--weight-bits", type=click.IntRange(2, 8), default=8, show_default=True)
 @click.option("--act-bits", type=click.IntRange(2, 8), default=8, show_default=True)
@@ -203,7 +208,7 @@ def _load_recipe(path: Path | None):
 @click.option("--quiet", is_flag=True, help="No progress bar or summary.")
 @_output_options
 def quantize(model, output, calib_data, synthetic, input_shape, int_range, calib_samples, batch_size, method, percentile,
-             target, weight_bits, act_bits, per_tensor, placement, exclude, recipe, report, save_table, quiet,
+             coverage, bias_correction, refine, target, weight_bits, act_bits, per_tensor, placement, exclude, recipe, report, save_table, quiet,
              overwrite, external_data, external_data_threshold, external_data_location):
     """Quantize MODEL to QDQ: fold-batchnorm, cleanup, calibrate, insert-qdq; report fidelity."""
     from ..calib import data as cdata
@@ -218,7 +223,8 @@ def quantize(model, output, calib_data, synthetic, input_shape, int_range, calib
     options = QuantizeOptions(
         method=method, target=target, weight_bits=weight_bits, act_bits=act_bits, per_channel=not per_tensor,
         exclude=tuple(exclude), overrides=_load_recipe(recipe), placement=placement,
-        observer_options={"percentile": percentile} if percentile is not None else {}, progress=not quiet,
+        observer_options=_observer_options(method, percentile, coverage), progress=not quiet,
+        bias_correction=bias_correction, refine=refine,
     )
     m = load(model)
     if synthetic is not None:
@@ -240,6 +246,15 @@ def quantize(model, output, calib_data, synthetic, input_shape, int_range, calib
     click.echo(f"wrote {out}")
 
 
+def _observer_options(method: str, percentile: float | None, coverage: float | None) -> dict:
+    for value, flag, owner in ((percentile, "--percentile", "percentile"), (coverage, "--coverage", "entropy")):
+        if value is not None and method != owner:
+            raise click.UsageError(f"{flag} applies to --method {owner}, not --method {method}")
+    if percentile is not None:
+        return {"percentile": percentile}
+    return {"coverage": coverage} if coverage is not None else {}
+
+
 def _print_quantize_summary(result) -> None:
     counts = result.counts
     click.echo(
@@ -248,6 +263,12 @@ def _print_quantize_summary(result) -> None:
         f"({result.options.target}, W{result.options.weight_bits}A{result.options.act_bits}, {result.options.method}, "
         f"{result.table.samples} calibration samples)"
     )
+    corrected = counts.get("correct-bias.corrected", 0)
+    if corrected:
+        click.echo(f"bias correction: {corrected} layers")
+    if result.refined:
+        better = [r for r in result.refined if r.error_after < r.error_before]
+        click.echo(f"refine: {len(better)} of {len(result.refined)} weighted-layer input ranges moved")
     if result.placement.get("kept_float"):
         click.echo("placement auto: kept float the inputs of " + ", ".join(result.placement["kept_float"])
                    + " (each cost more than 1 dB of output SQNR)")

@@ -208,6 +208,18 @@ class _Planner:
         return True
 
 
+def quantize_weight(w: np.ndarray, axis: int | None, bits: int, profile: TargetProfile) -> tuple[np.ndarray, np.ndarray]:
+    """(int8 values, float32 scales) of a weight: symmetric, narrow grid, per channel on ``axis``."""
+    scheme = profile.weight_scheme(bits, axis)
+    if axis is None:
+        lo, hi = w.min(initial=0.0), w.max(initial=0.0)
+    else:
+        red = tuple(a for a in range(w.ndim) if a != axis)
+        lo, hi = w.min(axis=red, initial=0.0), w.max(axis=red, initial=0.0)
+    scale, zp = compute_qparams(lo, hi, scheme)
+    return quantize(w, scale, zp, scheme).astype(np.int8), scale
+
+
 class _Rewriter:
     """Mutation only: every value was decided by the plan and the table."""
 
@@ -280,14 +292,7 @@ class _Rewriter:
         node = self.idx.nodes[i]
         name = node.input[slot]
         w = self.model.array(self.idx.constant_storage(name)).astype(np.float32)
-        scheme = self.profile.weight_scheme(self.t.weight_bits, axis)
-        if axis is None:
-            lo, hi = w.min(initial=0.0), w.max(initial=0.0)
-        else:
-            red = tuple(a for a in range(w.ndim) if a != axis)
-            lo, hi = w.min(axis=red, initial=0.0), w.max(axis=red, initial=0.0)
-        scale, zp = compute_qparams(lo, hi, scheme)
-        wq = quantize(w, scale, zp, scheme).astype(np.int8)
+        wq, scale = quantize_weight(w, axis, self.t.weight_bits, self.profile)
         q = add_initializer(self.g, self.names, f"{name}_quantized", wq)
         s = add_initializer(self.g, self.names, f"{name}_scale", scale.astype(np.float32))
         z = add_initializer(self.g, self.names, f"{name}_zero_point", np.zeros(scale.shape, np.int8))
@@ -315,4 +320,4 @@ class _Rewriter:
         self.counts["bias"] += 1
 
 
-__all__ = ["InsertQDQ", "QdqPlan", "TensorOverride"]
+__all__ = ["InsertQDQ", "QdqPlan", "TensorOverride", "quantize_weight"]

@@ -13,17 +13,23 @@ from collections import Counter
 from collections.abc import Mapping
 
 import numpy as np
+import onnx
+from onnx import TensorProto
 
 from ..calib.collect import calibrate
 from ..calib.data import CalibrationSource, check_source, limit
 from ..calib.qparams import compute_qparams
 from ..calib.table import CalibrationTable
+from ..graph.build import make_node, rebuild_nodes
 from ..graph.model import Model
+from ..graph.names import NameAllocator
 from ..graph.query import GraphIndex
 from ..testing.equivalence import Runner
-from ..transforms import Cleanup, FoldBatchNorm, Pipeline, Skip, TransformResult
+from ..transforms import Cleanup, FoldBatchNorm, Pipeline, Skip, TransformContext, TransformResult
 from .insert_qdq import InsertQDQ, TensorOverride
 from .profiles import WEIGHTED_OPS, get_profile
+from .bias_correction import ChannelMean, CorrectBias, input_channel_axis
+from .refine import RefineOptions, Refined, refine_table
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +47,10 @@ class QuantizeOptions:
     report_samples: int = 32
     placement_samples: int = 8
     placement_gain_db: float = 1.0
+    bias_correction: bool = True
+    bias_samples: int = 64
+    refine: bool = False
+    refine_options: RefineOptions = RefineOptions()
 
     def __post_init__(self) -> None:
         if self.placement not in PLACEMENTS:
@@ -88,6 +98,7 @@ class QuantizeResult:
     outputs: list[OutputFidelity]
     options: QuantizeOptions
     placement: dict = dataclasses.field(default_factory=dict)
+    refined: list[Refined] = dataclasses.field(default_factory=list)
 
     @property
     def skipped(self) -> list[Skip]:
@@ -125,6 +136,7 @@ class QuantizeResult:
             "layers": [dataclasses.asdict(x) for x in self.layers],
             "outputs": [dataclasses.asdict(x) for x in self.outputs],
             "placement": self.placement,
+            "refined": [dataclasses.asdict(r) for r in self.refined],
         }
 
 
@@ -133,8 +145,12 @@ def quantize(model: Model, source: CalibrationSource, options: QuantizeOptions =
     check_source(model, source)
     prep = Pipeline([FoldBatchNorm(), Cleanup()])(model)
     planner = options.insert_qdq()
-    tensors = planner.plan(model).tensors_to_calibrate()
+    plan = planner.plan(model)
+    tensors = plan.tensors_to_calibrate()
     scheme = planner.profile.act_scheme(options.act_bits)
+    steps = list(prep.children)
+    if options.bias_correction:
+        steps.append(correct_bias(model, source, plan, planner, options))
     table = calibrate(
         model,
         source,
@@ -146,9 +162,27 @@ def quantize(model: Model, source: CalibrationSource, options: QuantizeOptions =
     )
     reference = model.copy()
     placement = choose_placement(reference, table, source, options)
+    refined: list[Refined] = []
+    if options.refine:
+        table, refined = refine_table(reference, table, source, options.insert_qdq(table, tuple(placement["kept_float"])), options.refine_options)
     qdq = options.insert_qdq(table, tuple(placement["kept_float"]))(model)
     layers, outputs = measure_fidelity(reference, model, source, options.report_samples)
-    return QuantizeResult(model, table, [*prep.children, qdq], layers, outputs, options, placement)
+    return QuantizeResult(model, table, [*steps, qdq], layers, outputs, options, placement, refined)
+
+
+def correct_bias(model: Model, source: CalibrationSource, plan, planner: InsertQDQ, options: QuantizeOptions) -> TransformResult:
+    """Gather the weighted layers' input channel means (one streaming pass over up to
+    ``bias_samples`` samples) and run correct-bias with them."""
+    idx = GraphIndex(model.graph)
+    taps: dict[str, ChannelMean] = {}
+    for i, _, _ in plan.weights:
+        node = idx.nodes[i]
+        if node.input[0] in plan.activations:
+            taps.setdefault(node.input[0], ChannelMean(input_channel_axis(node.op_type)))
+    if taps:
+        calibrate(model, limit(source, options.bias_samples), method="minmax", tensors=list(taps), progress=False, taps=taps)
+    means = {name: tap.mean for name, tap in taps.items() if tap.mean is not None}
+    return CorrectBias(means, planner)(model)
 
 
 def choose_placement(reference: Model, table: CalibrationTable, source: CalibrationSource, options: QuantizeOptions) -> dict:
@@ -173,21 +207,55 @@ def choose_placement(reference: Model, table: CalibrationTable, source: Calibrat
     batches = list(limit(source, options.placement_samples))
     run_ref = Runner(reference)
     expected = [run_ref(b) for b in batches]
+    trial, flags = switchable_qdq(reference, options.insert_qdq(table), set(families))
+    run_trial = Runner(trial)
+
+    def score(kept: list[str]) -> float:
+        switches = {flag: np.asarray(op not in kept) for op, flag in flags.items()}
+        return _output_sqnr(run_trial, [{**b, **switches} for b in batches], expected)
+
     kept: list[str] = []
-    best = _output_sqnr(reference, options.insert_qdq(table), batches, expected)
+    best = score(kept)
     trials = {"full": best}
     for op, _ in families.most_common():
-        score = _output_sqnr(reference, options.insert_qdq(table, (*kept, op)), batches, expected)
-        trials[f"without {op}"] = score
-        if score > best + options.placement_gain_db:
+        trials[f"without {op}"] = s = score([*kept, op])
+        if s > best + options.placement_gain_db:
             kept.append(op)
-            best = score
+            best = s
     return {
         "mode": "auto",
         "kept_float": kept,
         "fusion_critical": sorted(needed),
         "trials": {k: round(v, 2) for k, v in trials.items()},
     }
+
+
+def switchable_qdq(reference: Model, transform: InsertQDQ, families: set[str]) -> tuple[Model, dict[str, str]]:
+    """A copy of ``reference`` with ``transform``'s Q/DQ inserted, where every input of an op in
+    ``families`` that insertion rewired reads ``Where(flag, dequantized, float)``: one session
+    scores every keep-float combination (a boolean scalar input per family, true = quantized),
+    exactly as if insertion had kept those families float. Only for scoring; never saved."""
+    trial = reference.copy()
+    names = NameAllocator(trial.graph)
+    was: dict[str, list[str]] = {}
+    for node in trial.graph.node:
+        if node.op_type in families:
+            node.name = names.new(f"{node.name or node.op_type}_trial")
+            was[node.name] = list(node.input)
+    transform(trial, TransformContext(validate=False))
+    flags = {op: names.new(f"quantize_{op}") for op in sorted(families)}
+    replacements: dict[int, list] = {}
+    for i, node in enumerate(trial.graph.node):
+        for k, original in enumerate(was.get(node.name, ())):
+            if node.input[k] != original:
+                sel = names.new(f"{original}_switched")
+                where = make_node("Where", [flags[node.op_type], node.input[k], original], [sel], names, f"{sel}_where")
+                replacements.setdefault(i, []).append(where)
+                node.input[k] = sel
+    rebuild_nodes(trial.graph, {i: [*nodes, trial.graph.node[i]] for i, nodes in replacements.items()})
+    for flag in flags.values():
+        trial.graph.input.append(onnx.helper.make_tensor_value_info(flag, TensorProto.BOOL, []))
+    return trial, flags
 
 
 #: Ops whose integer kernels in onnxruntime need their *output* quantized (no float-output
@@ -210,13 +278,10 @@ def _fusion_critical(idx: GraphIndex, plan, profile) -> set[str]:
     return critical - WEIGHTED_OPS
 
 
-def _output_sqnr(reference: Model, transform: InsertQDQ, batches, expected) -> float:
-    trial = reference.copy()
-    transform(trial)
-    run_q = Runner(trial)
+def _output_sqnr(run: Runner, batches: list, expected: list) -> float:
     signal, noise = 0.0, 0.0
     for batch, ref in zip(batches, expected):
-        got = run_q(batch)
+        got = run(batch)
         for name, a in ref.items():
             if a.dtype.kind == "f":
                 signal += float((a.astype(np.float64) ** 2).sum())

@@ -65,32 +65,44 @@ class Runner:
 
     def __init__(self, model: ModelLike, outputs: list[str] | None = None):
         m = as_model(model)
-        with tempfile.TemporaryDirectory(prefix="ogt-eq-") as tmp:
-            self.session = _session(m, Path(tmp), outputs)
+        if m.uses_external_data():
+            with tempfile.TemporaryDirectory(prefix="ogt-eq-") as tmp:
+                self.session = _session(m, Path(tmp), outputs)
+        else:  # no temporary folder: creating and removing one costs ~0.1 s on some file systems
+            self.session = _session(m, None, outputs)
         self.names = [o.name for o in self.session.get_outputs()]
 
     def __call__(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return dict(zip(self.names, self.session.run(self.names, feeds)))
 
 
-def _session(m: Model, tmp: Path, extra_outputs: list[str] | None) -> ort.InferenceSession:
-    proto = onnx.ModelProto()
-    proto.CopyFrom(m.proto)
+def _session(m: Model, tmp: Path | None, extra_outputs: list[str] | None) -> ort.InferenceSession:
+    """Session over ``m`` with ``extra_outputs`` exposed. The outputs are appended to ``m.proto``
+    for the time it takes to serialize and removed again (a copy of a large model costs more)."""
+    proto = m.proto
+    added = 0
     if extra_outputs:
         types = infer_types(m)
         present = {o.name for o in proto.graph.output}
-        for name in extra_outputs:
+        for name in dict.fromkeys(extra_outputs):
             info = types.get(name)
             if name not in present and info is not None and info.elem_type:
                 proto.graph.output.append(onnx.helper.make_tensor_value_info(name, info.elem_type, None))
+                added += 1
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     opts.log_severity_level = 3
-    if m.uses_external_data():
-        path = tmp / "model.onnx"
-        save(Model(proto, m.base_dir, None), path, external_data=True)
-        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    return ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    try:
+        if tmp is not None:
+            path = tmp / "model.onnx"
+            copy = onnx.ModelProto()
+            copy.CopyFrom(proto)
+            save(Model(copy, m.base_dir, None), path, external_data=True)
+            return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    finally:
+        for _ in range(added):
+            proto.graph.output.pop()
 
 
 def assert_equivalent(

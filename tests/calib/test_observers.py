@@ -219,6 +219,26 @@ def test_entropy_clips_heavy_tails_and_keeps_uniform_data():
     assert lo == 0.0 and 0 < hi < relu.max()
 
 
+@given(st.integers(0, 2**16), st.sampled_from([0.99, 0.999, 0.9999]), st.booleans())
+def test_entropy_coverage_bounds_the_clipped_fraction(seed, coverage, signed):
+    rng = np.random.default_rng(seed)
+    x = rng.laplace(size=20_000).astype(np.float32) * rng.uniform(0.1, 10)
+    if not signed:
+        x = np.maximum(x, 0)
+    scheme = QScheme() if signed else QScheme(signed=False, symmetric=False)
+    bounded, free = EntropyObserver(coverage=coverage), EntropyObserver(coverage=0.0)
+    bounded.update(x)
+    free.update(x)
+    lo, hi = bounded.clip_range(scheme)
+    width = bounded.stats().edges[1] - bounded.stats().edges[0] if bounded.stats().edges is not None else 0.0
+    clipped = np.mean((x > hi + width) | (x < lo - width))
+    assert clipped <= (1 - coverage) * (2 if signed else 1) + 1e-9
+    f_lo, f_hi = free.clip_range(scheme)
+    assert hi >= f_hi - 1e-6 and lo <= f_lo + 1e-6  # the bound only ever widens TensorRT's choice
+    with pytest.raises(ValueError, match="coverage"):
+        EntropyObserver(coverage=1.0)
+
+
 def test_kl_search():
     assert kl_threshold_bins(np.ones(1024), 128) == 1024  # uniform: nothing to clip
     k = np.arange(2000)

@@ -62,3 +62,24 @@ def test_tensorrt_has_no_fusion_constraint_and_fixed_modes_skip_trials():
     batches = [{"x": rng.standard_normal((1, 4, 3, 3)).astype(np.float32)}]
     full = quantize(model, iterable_source(batches), QuantizeOptions(placement="full", progress=False))
     assert full.placement == {"mode": "full", "kept_float": [], "trials": {}}
+
+
+def test_switchable_trial_graph_equals_insertion_with_those_families_float():
+    from ogt.calib.collect import calibrate
+    from ogt.quant.insert_qdq import InsertQDQ
+    from ogt.quant.quantize import switchable_qdq
+    from ogt.testing import run
+
+    rng = np.random.default_rng(3)
+    batches = [{"x": rng.standard_normal((2, 4)).astype(np.float32)} for _ in range(3)]
+    model = ogt.Model(onnx.parser.parse_model(MATMUL_RESIDUAL))
+    insert = InsertQDQ()
+    table = calibrate(model, batches, tensors=insert.plan(model).tensors_to_calibrate(), progress=False)
+    insert = InsertQDQ(table=table)
+    trial, flags = switchable_qdq(model, insert, {"Add"})
+    assert set(flags) == {"Add"}
+    for keep_float in (False, True):
+        expected = model.copy()
+        InsertQDQ(table=table, keep_float_ops=("Add",) if keep_float else ())(expected)
+        feeds = {**batches[0], flags["Add"]: np.asarray(not keep_float)}
+        np.testing.assert_array_equal(run(trial, feeds)["y"], run(expected, batches[0])["y"])

@@ -122,3 +122,20 @@ def test_empty_file_and_missing_data(demo, tmp_path):
 def test_never_writes_over_the_input(demo, calib):
     res = invoke("quantize", demo, "-o", demo, "--calib-data", calib)
     assert res.exit_code == 9 and "--overwrite" in res.stderr
+
+
+def test_cli_calibration_switches(tmp_path, demo_path):
+    from click.testing import CliRunner
+
+    from ogt.cli.main import cli
+
+    out = tmp_path / "q.onnx"
+    runner = CliRunner()
+    res = runner.invoke(cli, ["quantize", str(demo_path), "-o", str(out), "--synthetic", "8", "--batch-size", "4",
+                              "--method", "entropy", "--coverage", "0.99", "--no-bias-correction", "--refine"])
+    assert res.exit_code == 0, res.output
+    assert "bias correction" not in res.output and "refine:" in res.output
+    res = runner.invoke(cli, ["quantize", str(demo_path), "-o", str(tmp_path / "x.onnx"), "--synthetic", "8",
+                              "--method", "minmax", "--coverage", "0.99"])
+    assert res.exit_code == 2 and "--coverage applies to --method entropy" in res.output
+    assert not (tmp_path / "x.onnx").exists()

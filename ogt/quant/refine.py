@@ -1,0 +1,284 @@
+"""Layer-wise range refinement: pick each activation quantizer's range by its consumers' error.
+
+A calibration method chooses a tensor's clipping range from that tensor's own distribution
+(minmax, percentile, KL, MSE). What matters is the error of the layers that read it. For every
+activation quantizer whose consumers are all weighted layers with quantized weights (Conv,
+ConvTranspose, Gemm, MatMul), ``refine_table`` searches the range that minimises
+
+    sum over consumers c of  ||c(DQ(Q(x; range)), W_q) - c(x, W)||^2 / ||c(x, W)||^2
+
+on ``samples`` calibration samples: the consumer is run in onnxruntime with its quantized
+weight (and int32 bias) exactly as insert-qdq writes them, ``x`` and the float reference
+``c(x, W)`` come from the float model. Candidates are ``alpha * [min(m, 0), max(M, 0)]`` for the
+observed ``[m, M]`` and ``alpha`` on a log grid, then bisected (in log space) around the best
+grid point, plus the range the calibration method chose, so refinement never scores worse than
+the method on the samples it looks at. No gradients, no training: a few dozen small onnxruntime
+runs per quantizer, one session each, and memory bounded by ``budget_bytes`` of exposed
+activations at a time whatever the calibration set size.
+
+Quantizers read by anything else (an Add, a Concat, a pooling op) keep the method's range.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper
+
+from ..calib.collect import plan_groups
+from ..calib.data import CalibrationSource, limit
+from ..calib.qparams import QScheme, compute_qparams
+from ..calib.table import CalibrationTable, TensorRange
+from ..graph.model import Model
+from ..graph.query import GraphIndex, TensorInfo, infer_types
+from ..testing.equivalence import Runner
+from ..transforms import TransformContext
+from .insert_qdq import InsertQDQ
+from .profiles import WEIGHTED_OPS
+
+
+@dataclasses.dataclass(frozen=True)
+class RefineOptions:
+    samples: int = 8
+    grid: int = 10
+    bisections: int = 4
+    min_alpha: float = 0.02
+    side_factors: tuple[float, ...] = (0.6, 0.8, 1.25, 1.6)
+    budget_bytes: int = 256 << 20
+
+
+@dataclasses.dataclass(frozen=True)
+class Refined:
+    """What refinement chose for one tensor (errors are the consumers' relative squared error)."""
+
+    tensor: str
+    alpha: float
+    lo: float
+    hi: float
+    error_before: float
+    error_after: float
+
+
+@dataclasses.dataclass
+class _Job:
+    tensor: str
+    bits: int
+    consumers: list[onnx.NodeProto]
+    helpers: list[onnx.NodeProto]  # DequantizeLinear nodes of the consumers' weights and biases
+    constants: list[tuple[str, TensorProto]]
+
+
+def refine_table(
+    reference: Model,
+    table: CalibrationTable,
+    source: CalibrationSource,
+    insert: InsertQDQ,
+    options: RefineOptions = RefineOptions(),
+) -> tuple[CalibrationTable, list[Refined]]:
+    """A copy of ``table`` with the ranges of weighted-layer inputs refined; see the module docstring.
+
+    ``insert`` is the insert-qdq transform the caller will apply (its table is ignored: ``table``
+    is used); ``reference`` is the float model it will be applied to, left unchanged.
+    """
+    qmodel = reference.copy()
+    dataclasses.replace(insert, table=table)(qmodel, TransformContext(validate=False))
+    types = infer_types(reference)
+    jobs = _jobs(qmodel, table, insert)
+    if not jobs:
+        return table, []
+    batches = list(limit(source, options.samples))
+    sizes = {j.tensor: _job_bytes(j, types, batches, options.samples) for j in jobs}
+    by_name = {j.tensor: j for j in jobs}
+    ranges = dict(table.ranges)
+    chosen: list[Refined] = []
+    for group in plan_groups([j.tensor for j in jobs], sizes, options.budget_bytes):
+        wanted = [*group, *(o for t in group for c in by_name[t].consumers for o in c.output)]
+        run_ref = Runner(reference, list(dict.fromkeys(wanted)))
+        outs = [run_ref(b) for b in batches]
+        values = {n: np.concatenate([o[n] for o in outs]) for n in wanted if all(n in o for o in outs)}
+        del outs
+        for name in group:
+            job = by_name[name]
+            if name not in values or any(o not in values for c in job.consumers for o in c.output):
+                continue
+            scheme = insert.profile.act_scheme(job.bits)
+            result = _search(job, qmodel, types, values, ranges[name], scheme, options)
+            if result is not None:
+                r = ranges[name]
+                ranges[name] = TensorRange(name, result.lo, result.hi, r.min, r.max, r.samples)
+                chosen.append(result)
+        del values
+    out = CalibrationTable(
+        table.fingerprint,
+        f"{table.method}+refine",
+        table.samples,
+        ranges,
+        {**table.options, "refine": dataclasses.asdict(options) | {"refined": len(chosen)}},
+    )
+    return out, chosen
+
+
+def _jobs(qmodel: Model, table: CalibrationTable, insert: InsertQDQ) -> list[_Job]:
+    """Quantizers (in graph order) whose dequantized output only feeds weighted ops' data input."""
+    idx = GraphIndex(qmodel.graph)
+    jobs = []
+    for node in idx.nodes:
+        if node.op_type != "QuantizeLinear" or idx.is_constant(node.input[0]):
+            continue
+        tensor = _calibrated_tensor(idx, node, table)
+        dq = _users(idx, node.output[0])
+        if tensor is None or len(dq) != 1 or dq[0].op_type != "DequantizeLinear":
+            continue
+        consumers = _users(idx, dq[0].output[0])
+        if not consumers or any(c.op_type not in WEIGHTED_OPS or c.input[0] != dq[0].output[0] for c in consumers):
+            continue
+        helpers, constants, ok = [], [], True
+        for c in consumers:
+            for name in c.input[1:]:
+                if not name:
+                    continue
+                p = idx.producer_of(name)
+                if p is not None and p.op_type == "DequantizeLinear" and all(idx.is_constant(i) for i in p.input if i):
+                    helpers.append(p)
+                    constants.extend((i, idx.constant_storage(i)) for i in p.input if i)
+                elif idx.constant_storage(name) is not None:
+                    constants.append((name, idx.constant_storage(name)))
+                else:
+                    ok = False
+        if ok and all(t is not None for _, t in constants):
+            override = insert.overrides.get(tensor)
+            bits = override.bits if override and override.bits else insert.act_bits
+            if override is None or override.lo is None:
+                jobs.append(_Job(tensor, bits, consumers, helpers, constants))
+    return jobs
+
+
+def _users(idx: GraphIndex, name: str) -> list[onnx.NodeProto]:
+    return [idx.nodes[i] for i in idx.consumers.get(name, ())]
+
+
+def _calibrated_tensor(idx: GraphIndex, q: onnx.NodeProto, table: CalibrationTable) -> str | None:
+    """The table's tensor a Q reads: its input, or the input of the grid Clip insert-qdq put before it."""
+    x = q.input[0]
+    if x in table:
+        return x
+    p = idx.producer_of(x)
+    if p is not None and p.op_type == "Clip" and p.input[0] in table and len(_users(idx, x)) == 1:
+        return p.input[0]
+    return None
+
+
+def _job_bytes(job: _Job, types: Mapping[str, TensorInfo], batches: Sequence, samples: int) -> int:
+    """Rough exposed bytes for ``samples`` samples (unknown shapes count as 4 MB per sample)."""
+    total = 0
+    n = sum(len(next(iter(b.values()))) for b in batches) or samples
+    for name in [job.tensor, *(o for c in job.consumers for o in c.output)]:
+        info = types.get(name)
+        dims = info.shape if info is not None and info.shape is not None else None
+        per = int(np.prod([d for d in dims[1:] if isinstance(d, int) and d > 0])) * 4 if dims else 4 << 20
+        total += per * n
+    return total
+
+
+def _fake_quant_model(job: _Job, qmodel: Model, types: Mapping[str, TensorInfo], scheme: QScheme) -> bytes:
+    """x, scale, zero point (float) -> fake-quantized x -> the consumers with their quantized weights."""
+    info = types.get(job.tensor)
+    elem = info.elem_type if info is not None and info.elem_type else TensorProto.FLOAT
+    fq = f"{job.tensor}__refine_fq"
+    nodes = [
+        helper.make_node("Div", [job.tensor, "__scale"], ["__t"]),
+        helper.make_node("Round", ["__t"], ["__r"]),
+        helper.make_node("Add", ["__r", "__zp"], ["__rz"]),
+        helper.make_node("Clip", ["__rz", "__qmin", "__qmax"], ["__c"]),
+        helper.make_node("Sub", ["__c", "__zp"], ["__cz"]),
+        helper.make_node("Mul", ["__cz", "__scale"], [fq]),
+    ]
+    for node in [*job.helpers, *job.consumers]:
+        copy = onnx.NodeProto()
+        copy.CopyFrom(node)
+        if node in job.consumers:
+            copy.input[0] = fq
+        nodes.append(copy)
+    inits = [helper.make_tensor("__qmin", TensorProto.FLOAT, [], [scheme.qmin]),
+             helper.make_tensor("__qmax", TensorProto.FLOAT, [], [scheme.qmax])]
+    seen = set()
+    for name, t in job.constants:
+        if name not in seen:
+            seen.add(name)
+            inits.append(onnx.numpy_helper.from_array(qmodel.array(t), name))
+    outputs = [o for c in job.consumers for o in c.output]
+    graph = helper.make_graph(
+        nodes,
+        "refine",
+        [helper.make_tensor_value_info(job.tensor, elem, None),
+         helper.make_tensor_value_info("__scale", TensorProto.FLOAT, []),
+         helper.make_tensor_value_info("__zp", TensorProto.FLOAT, [])],
+        [helper.make_tensor_value_info(o, (types.get(o) or TensorInfo(elem, None)).elem_type or elem, None) for o in outputs],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=list(qmodel.proto.opset_import), ir_version=qmodel.proto.ir_version)
+    return model.SerializeToString()
+
+
+def _search(job: _Job, qmodel: Model, types, values, current: TensorRange, scheme: QScheme,
+            options: RefineOptions) -> Refined | None:
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(_fake_quant_model(job, qmodel, types, scheme), opts, providers=["CPUExecutionProvider"])
+    x = values[job.tensor]
+    outputs = [o for c in job.consumers for o in c.output]
+    refs = [values[o].astype(np.float64) for o in outputs]
+    energy = [max(float((r**2).sum()), 1e-30) for r in refs]
+    base_lo, base_hi = min(current.min, 0.0), max(current.max, 0.0)
+    if not (np.isfinite(base_lo) and np.isfinite(base_hi)) or base_hi - base_lo <= 0:
+        return None
+
+    def error(lo: float, hi: float) -> float:
+        scale, zp = compute_qparams(lo, hi, scheme)
+        got = session.run(outputs, {job.tensor: x, "__scale": np.asarray(scale, np.float32).reshape(()), "__zp": np.asarray(zp, np.float32).reshape(())})
+        return sum(float(((g.astype(np.float64) - r) ** 2).sum()) / e for g, r, e in zip(got, refs, energy))
+
+    tried: dict[float, float] = {}
+
+    def at(alpha: float) -> float:
+        if alpha not in tried:
+            tried[alpha] = error(alpha * base_lo, alpha * base_hi)
+        return tried[alpha]
+
+    grid = np.geomspace(options.min_alpha, 1.0, options.grid)
+    for a in grid:
+        at(float(a))
+    best = min(tried, key=tried.get)
+    k = int(np.argmin(np.abs(np.log(grid) - np.log(best))))
+    lo_a, hi_a = float(grid[max(k - 1, 0)]), float(grid[min(k + 1, len(grid) - 1)])
+    for _ in range(options.bisections):  # shrink the bracket around the best point, in log space
+        left, right = float(np.sqrt(lo_a * best)), float(np.sqrt(best * hi_a))
+        winner = min((left, best, right), key=at)
+        if winner == left:
+            lo_a, hi_a, best = lo_a, best, left
+        elif winner == right:
+            lo_a, hi_a, best = best, hi_a, right
+        else:
+            lo_a, hi_a = left, right
+    alpha = min(tried, key=tried.get)
+    lo, hi, err = alpha * base_lo, alpha * base_hi, tried[alpha]
+    if base_lo < 0 < base_hi:  # a two-sided range: move each end on its own, around the common alpha
+        for side in (1, 0):
+            for f in options.side_factors:
+                cand = [lo, hi]
+                cand[side] = max(min(cand[side] * f, base_hi), base_lo)
+                e = error(*cand)
+                if e < err:
+                    lo, hi, err = cand[0], cand[1], e
+    before = error(current.lo, current.hi)
+    if err >= before:
+        return Refined(job.tensor, float("nan"), current.lo, current.hi, before, before)
+    return Refined(job.tensor, alpha, lo, hi, before, err)
+
+
+__all__ = ["RefineOptions", "Refined", "refine_table"]
