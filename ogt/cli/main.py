@@ -182,12 +182,16 @@ def _load_recipe(path: Path | None):
 @click.option("--int-range", multiple=True, help="Range of an integer input for --synthetic: name:LO,HI.")
 @click.option("--calib-samples", type=click.IntRange(min=1), help="Use at most N calibration samples.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True)
-@click.option("--method", type=click.Choice(["minmax", "percentile", "entropy", "mse"]), default="minmax", show_default=True)
+@click.option("--method", type=click.Choice(["minmax", "percentile", "entropy", "mse", "token-clip"]), default="minmax",
+              show_default=True, help="token-clip: Outlier Suppression's token-wise clipping (coarse alpha search + layer-wise refinement).")
 @click.option("--percentile", type=click.FloatRange(50, 100), default=None, help="Percentile for --method percentile.")
 @click.option("--coverage", type=click.FloatRange(0, 1, max_open=True), default=None,
               help="--method entropy: never clip more than 1-COVERAGE of a tensor's values (default 0.999; 0 = TensorRT's unbounded search).")
 @click.option("--bias-correction/--no-bias-correction", default=True, show_default=True,
               help="Subtract the mean output shift each weight's rounding causes from the layer's bias.")
+@click.option("--migrate-gamma", is_flag=True, help="Run migrate-gamma before calibration (LayerNorm gamma into the next layers).")
+@click.option("--smoothquant", "smoothquant", default=None, metavar="ALPHA|auto",
+              help="Run smoothquant before calibration with this migration strength (0..1) or 'auto' (searched per layer).")
 @click.option("--refine", is_flag=True, help="Search each weighted layer's input range on that layer's output error (slower).")
 @click.option("--target", type=click.Choice(["ort", "tensorrt"]), default="ort", show_default=True)
 @click.option("--weight-bits", type=click.IntRange(2, 8), default=8, show_default=True)
@@ -208,7 +212,7 @@ def _load_recipe(path: Path | None):
 @click.option("--quiet", is_flag=True, help="No progress bar or summary.")
 @_output_options
 def quantize(model, output, calib_data, synthetic, input_shape, int_range, calib_samples, batch_size, method, percentile,
-             coverage, bias_correction, refine, target, weight_bits, act_bits, per_tensor, placement, exclude, recipe, report, save_table, quiet,
+             coverage, bias_correction, migrate_gamma, smoothquant, refine, target, weight_bits, act_bits, per_tensor, placement, exclude, recipe, report, save_table, quiet,
              overwrite, external_data, external_data_threshold, external_data_location):
     """Quantize MODEL to QDQ: fold-batchnorm, cleanup, calibrate, insert-qdq; report fidelity."""
     from ..calib import data as cdata
@@ -224,7 +228,8 @@ def quantize(model, output, calib_data, synthetic, input_shape, int_range, calib
         method=method, target=target, weight_bits=weight_bits, act_bits=act_bits, per_channel=not per_tensor,
         exclude=tuple(exclude), overrides=_load_recipe(recipe), placement=placement,
         observer_options=_observer_options(method, percentile, coverage), progress=not quiet,
-        bias_correction=bias_correction, refine=refine,
+        bias_correction=bias_correction, refine=refine, migrate_gamma=migrate_gamma,
+        smoothquant=_smoothquant_alpha(smoothquant),
     )
     m = load(model)
     if synthetic is not None:
@@ -244,6 +249,18 @@ def quantize(model, output, calib_data, synthetic, input_shape, int_range, calib
     if not quiet:
         _print_quantize_summary(result)
     click.echo(f"wrote {out}")
+
+
+def _smoothquant_alpha(value: str | None) -> float | str | None:
+    if value is None or value == "auto":
+        return value
+    try:
+        alpha = float(value)
+    except ValueError:
+        alpha = -1.0
+    if not 0.0 <= alpha <= 1.0:
+        raise click.UsageError(f"--smoothquant takes a number in [0, 1] or 'auto', got {value!r}")
+    return alpha
 
 
 def _observer_options(method: str, percentile: float | None, coverage: float | None) -> dict:
@@ -266,6 +283,8 @@ def _print_quantize_summary(result) -> None:
     corrected = counts.get("correct-bias.corrected", 0)
     if corrected:
         click.echo(f"bias correction: {corrected} layers")
+    if "token_clip" in result.extra:
+        click.echo(f"token-clip: alpha {result.extra['token_clip']['alpha']} (lowest output MSE on the calibration data)")
     if result.refined:
         better = [r for r in result.refined if r.error_after < r.error_before]
         click.echo(f"refine: {len(better)} of {len(result.refined)} weighted-layer input ranges moved")

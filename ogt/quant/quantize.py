@@ -25,11 +25,12 @@ from ..graph.model import Model
 from ..graph.names import NameAllocator
 from ..graph.query import GraphIndex
 from ..testing.equivalence import Runner
-from ..transforms import Cleanup, FoldBatchNorm, Pipeline, Skip, TransformContext, TransformResult
+from ..transforms import Cleanup, FoldBatchNorm, MigrateGamma, Pipeline, Skip, SmoothQuant, TransformContext, TransformResult
 from .insert_qdq import InsertQDQ, TensorOverride
 from .profiles import WEIGHTED_OPS, get_profile
 from .bias_correction import ChannelMean, CorrectBias, input_channel_axis
-from .refine import RefineOptions, Refined, refine_table
+from .refine import RefineOptions, Refined, refine_blocks, refine_table
+from .token_clip import DEFAULT_ALPHAS, search_alpha, token_taps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,12 +48,18 @@ class QuantizeOptions:
     report_samples: int = 32
     placement_samples: int = 8
     placement_gain_db: float = 1.0
+    migrate_gamma: bool = False
+    smoothquant: float | str | None = None  # alpha, "auto", or None (off)
+    smoothquant_samples: int = 32
+    token_clip_alphas: tuple[float, ...] = DEFAULT_ALPHAS
     bias_correction: bool = True
     bias_samples: int = 64
     refine: bool = False
     refine_options: RefineOptions = RefineOptions()
 
     def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if self.placement not in PLACEMENTS:
             raise ValueError(f"placement must be one of {', '.join(PLACEMENTS)}, got {self.placement!r}")
 
@@ -71,6 +78,8 @@ class QuantizeOptions:
 
 
 PLACEMENTS = ("auto", "full", "weighted")
+#: calibration methods: the observers' plus token-clip, which needs the model to score its alpha
+METHODS = ("minmax", "percentile", "entropy", "mse", "token-clip")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,6 +108,7 @@ class QuantizeResult:
     options: QuantizeOptions
     placement: dict = dataclasses.field(default_factory=dict)
     refined: list[Refined] = dataclasses.field(default_factory=list)
+    extra: dict = dataclasses.field(default_factory=dict)
 
     @property
     def skipped(self) -> list[Skip]:
@@ -137,37 +147,52 @@ class QuantizeResult:
             "outputs": [dataclasses.asdict(x) for x in self.outputs],
             "placement": self.placement,
             "refined": [dataclasses.asdict(r) for r in self.refined],
+            **self.extra,
         }
 
 
 def quantize(model: Model, source: CalibrationSource, options: QuantizeOptions = QuantizeOptions()) -> QuantizeResult:
     """Quantize ``model`` in place; see the module docstring."""
     check_source(model, source)
-    prep = Pipeline([FoldBatchNorm(), Cleanup()])(model)
+    prep = [FoldBatchNorm(), Cleanup()]
+    if options.migrate_gamma:
+        prep.append(MigrateGamma())
+    if options.smoothquant is not None:
+        prep.append(SmoothQuant(data=limit(source, options.smoothquant_samples), alpha=options.smoothquant))
+    steps = list(Pipeline(prep)(model).children)
     planner = options.insert_qdq()
     plan = planner.plan(model)
-    tensors = plan.tensors_to_calibrate()
     scheme = planner.profile.act_scheme(options.act_bits)
-    steps = list(prep.children)
     if options.bias_correction:
         steps.append(correct_bias(model, source, plan, planner, options))
+    token_clip = options.method == "token-clip"
+    taps = token_taps(plan.tensors_to_calibrate()) if token_clip else {}
     table = calibrate(
         model,
         source,
-        method=options.method,
-        tensors=tensors,
+        method="minmax" if token_clip else options.method,
+        tensors=plan.tensors_to_calibrate(),
         scheme=scheme,
         observer_options=dict(options.observer_options),
         progress=options.progress,
+        taps=taps,
     )
     reference = model.copy()
     placement = choose_placement(reference, table, source, options)
+    kept = tuple(placement["kept_float"])
+    extra: dict = {}
+    if token_clip:
+        table, search = search_alpha(reference, table, taps, source, options.insert_qdq(table, kept),
+                                     options.token_clip_alphas, options.placement_samples)
+        extra["token_clip"] = {"alpha": search.alpha, "output_mse": {str(a): v for a, v in search.scores.items()}}
     refined: list[Refined] = []
-    if options.refine:
-        table, refined = refine_table(reference, table, source, options.insert_qdq(table, tuple(placement["kept_float"])), options.refine_options)
-    qdq = options.insert_qdq(table, tuple(placement["kept_float"]))(model)
+    if token_clip:  # the fine stage: every quantizer, on its block's output, in order
+        table, refined = refine_blocks(reference, table, source, options.insert_qdq(table, kept), options.refine_options)
+    elif options.refine:
+        table, refined = refine_table(reference, table, source, options.insert_qdq(table, kept), options.refine_options)
+    qdq = options.insert_qdq(table, kept)(model)
     layers, outputs = measure_fidelity(reference, model, source, options.report_samples)
-    return QuantizeResult(model, table, [*steps, qdq], layers, outputs, options, placement, refined)
+    return QuantizeResult(model, table, [*steps, qdq], layers, outputs, options, placement, refined, extra)
 
 
 def correct_bias(model: Model, source: CalibrationSource, plan, planner: InsertQDQ, options: QuantizeOptions) -> TransformResult:

@@ -30,10 +30,11 @@ import onnxruntime as ort
 from onnx import TensorProto, helper
 
 from ..calib.collect import plan_groups
-from ..calib.data import CalibrationSource, limit
+from ..calib.data import CalibrationSource, _rebatch, limit
 from ..calib.qparams import QScheme, compute_qparams
 from ..calib.table import CalibrationTable, TensorRange
 from ..graph.model import Model
+from ..graph.patterns import layernorms
 from ..graph.query import GraphIndex, TensorInfo, infer_types
 from ..testing.equivalence import Runner
 from ..transforms import TransformContext
@@ -48,6 +49,10 @@ class RefineOptions:
     bisections: int = 4
     min_alpha: float = 0.02
     side_factors: tuple[float, ...] = (0.6, 0.8, 1.25, 1.6)
+    block_span: float = 2.0  # block objective: multipliers of the current range in [1/span, span]
+    block_grid: int = 7
+    block_bisections: int = 2
+    block_side_factors: tuple[float, ...] = (0.8, 1.25)
     budget_bytes: int = 256 << 20
 
 
@@ -243,6 +248,13 @@ def _search(job: _Job, qmodel: Model, types, values, current: TensorRange, schem
         got = session.run(outputs, {job.tensor: x, "__scale": np.asarray(scale, np.float32).reshape(()), "__zp": np.asarray(zp, np.float32).reshape(())})
         return sum(float(((g.astype(np.float64) - r) ** 2).sum()) / e for g, r, e in zip(got, refs, energy))
 
+    return _best_range(job.tensor, error, base_lo, base_hi, current, np.geomspace(options.min_alpha, 1.0, options.grid), options)
+
+
+def _best_range(tensor: str, error, base_lo: float, base_hi: float, current: TensorRange, grid: np.ndarray,
+                options: RefineOptions) -> Refined:
+    """Search ``alpha * [base_lo, base_hi]`` over ``grid`` then by bisection (log space), then each end
+    of a two-sided range on its own; keep the current range unless a candidate beats it."""
     tried: dict[float, float] = {}
 
     def at(alpha: float) -> float:
@@ -250,7 +262,6 @@ def _search(job: _Job, qmodel: Model, types, values, current: TensorRange, schem
             tried[alpha] = error(alpha * base_lo, alpha * base_hi)
         return tried[alpha]
 
-    grid = np.geomspace(options.min_alpha, 1.0, options.grid)
     for a in grid:
         at(float(a))
     best = min(tried, key=tried.get)
@@ -271,14 +282,218 @@ def _search(job: _Job, qmodel: Model, types, values, current: TensorRange, schem
         for side in (1, 0):
             for f in options.side_factors:
                 cand = [lo, hi]
-                cand[side] = max(min(cand[side] * f, base_hi), base_lo)
+                cand[side] = max(min(cand[side] * f, max(base_hi, current.max)), min(base_lo, current.min))
                 e = error(*cand)
                 if e < err:
                     lo, hi, err = cand[0], cand[1], e
     before = error(current.lo, current.hi)
     if err >= before:
-        return Refined(job.tensor, float("nan"), current.lo, current.hi, before, before)
-    return Refined(job.tensor, alpha, lo, hi, before, err)
+        return Refined(tensor, float("nan"), current.lo, current.hi, before, before)
+    return Refined(tensor, alpha, lo, hi, before, err)
 
 
-__all__ = ["RefineOptions", "Refined", "refine_table"]
+# -- block objective (token-clip's fine stage) ----------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Quantizer:
+    tensor: str
+    nodes: list[onnx.NodeProto]  # [Clip?], Q, DQ
+    params: list[str]  # scale, zero point, [clip low, clip high]: overridable in the working model
+    bits: int
+
+
+def refine_blocks(
+    reference: Model,
+    table: CalibrationTable,
+    source: CalibrationSource,
+    insert: InsertQDQ,
+    options: RefineOptions = RefineOptions(),
+) -> tuple[CalibrationTable, list[Refined]]:
+    """Refine every activation quantizer, in graph order, on the error of its *block*'s output.
+
+    The block of a quantized tensor ends at the first LayerNorm output downstream of it (a
+    transformer sublayer: attention or feed-forward, residual and LayerNorm included), or at the
+    graph outputs it reaches when no LayerNorm follows. Each candidate range is scored by running
+    that block alone in onnxruntime, fed with the tensors entering it as the partially refined
+    quantized model computes them (earlier quantizers already moved: layer by layer, in order),
+    against the float model's block output. Candidates: multipliers of the current range between
+    ``1 / block_span`` and ``block_span`` (log grid, then bisection, then each end on its own).
+    Models without LayerNorm fall back to :func:`refine_table` (the layer objective).
+    """
+    ref_idx = GraphIndex(reference.graph)
+    ln_outputs = {m.output for m in layernorms(ref_idx)}
+    if not ln_outputs:
+        return refine_table(reference, table, source, insert, options)
+    work = TunableQDQ(reference, table, insert)
+    qmodel, qidx, quantizers, params = work.model, work.idx, work.quantizers, work.params
+    if not quantizers:
+        return table, []
+    graph_outputs = {o.name for o in qmodel.graph.output}
+    blocks = {q.tensor: _block(qidx, q.tensor, ln_outputs, graph_outputs) for q in quantizers}
+    boundary = {t: _boundary(qidx, nodes, q_params) for q in quantizers
+                for t, (nodes, _, q_params) in [(q.tensor, (blocks[q.tensor][0], None, set(q.params)))]}
+    batches = list(_rebatch(limit(source, options.samples), options.samples))  # one run per candidate
+    run_ref = Runner(reference, sorted({o for _, outs in blocks.values() for o in outs}))
+    ref_out = [run_ref(b) for b in batches]
+    run_q = Runner(qmodel, sorted({n for names in boundary.values() for n in names}))
+    ranges = dict(table.ranges)
+    chosen: list[Refined] = []
+    grid = np.geomspace(1.0 / options.block_span, options.block_span, options.block_grid)
+    options = dataclasses.replace(options, bisections=options.block_bisections, side_factors=options.block_side_factors)
+    feeds, state_of = [], None
+    for q in quantizers:
+        nodes, outputs = blocks[q.tensor]
+        if not outputs:
+            continue
+        if state_of != tuple(outputs):  # refresh the tensors entering each block once per block
+            feeds, state_of = [run_q({**b, **params}) for b in batches], tuple(outputs)
+        session = _block_session(qmodel, qidx, nodes, boundary[q.tensor], q.params, outputs, {**feeds[0], **ref_out[0]}, params)
+        scheme = insert.profile.act_scheme(q.bits)
+        refs = [[r[o].astype(np.float64) for o in outputs] for r in ref_out]
+        energy = max(sum(float((a**2).sum()) for rs in refs for a in rs), 1e-30)
+
+        def error(lo: float, hi: float, q=q, session=session, feeds=feeds, refs=refs, scheme=scheme) -> float:
+            mine = _param_values(q, params, lo, hi, scheme)
+            total = 0.0
+            for f, rs in zip(feeds, refs):
+                got = session.run(outputs, {**{n: f[n] for n in boundary[q.tensor]}, **mine})
+                total += sum(float(((g.astype(np.float64) - r) ** 2).sum()) for g, r in zip(got, rs))
+            return total / energy
+
+        r = ranges[q.tensor]
+        if not (np.isfinite(r.lo) and np.isfinite(r.hi)) or r.hi - r.lo <= 0:
+            continue
+        result = _best_range(q.tensor, error, r.lo, r.hi, r, grid, options)
+        if result.error_after < result.error_before:
+            ranges[q.tensor] = TensorRange(q.tensor, result.lo, result.hi, r.min, r.max, r.samples)
+            params.update(_param_values(q, params, result.lo, result.hi, scheme))
+        chosen.append(result)
+    out = CalibrationTable(table.fingerprint, f"{table.method}+refine-blocks", table.samples, ranges,
+                           {**table.options, "refine": dataclasses.asdict(options) | {"objective": "block"}})
+    return out, chosen
+
+
+class TunableQDQ:
+    """``reference`` with ``insert``'s Q/DQ, every activation quantizer's scale, zero point (and grid
+    Clip bounds) turned into overridable graph inputs: one onnxruntime session evaluates any set
+    of ranges (``values(ranges)`` gives the feeds). For scoring only; never saved."""
+
+    def __init__(self, reference: Model, table: CalibrationTable, insert: InsertQDQ):
+        self.model = reference.copy()
+        self.insert = dataclasses.replace(insert, table=table)
+        self.insert(self.model, TransformContext(validate=False))
+        self.idx = GraphIndex(self.model.graph)
+        self.quantizers = _quantizers(self.idx, table, insert)
+        self.params: dict[str, np.ndarray] = {}
+        for q in self.quantizers:
+            for name in q.params:
+                t = self.idx.initializers[name]
+                self.params[name] = self.model.array(t)
+                self.model.graph.input.append(helper.make_tensor_value_info(name, t.data_type, list(t.dims)))
+
+    def values(self, ranges: Mapping[str, TensorRange]) -> dict[str, np.ndarray]:
+        out = dict(self.params)
+        for q in self.quantizers:
+            if q.tensor in ranges:
+                r = ranges[q.tensor]
+                out.update(_param_values(q, self.params, r.lo, r.hi, self.insert.profile.act_scheme(q.bits)))
+        return out
+
+
+def _quantizers(idx: GraphIndex, table: CalibrationTable, insert: InsertQDQ) -> list[_Quantizer]:
+    out = []
+    for node in idx.nodes:
+        if node.op_type != "QuantizeLinear" or idx.is_constant(node.input[0]):
+            continue
+        tensor = _calibrated_tensor(idx, node, table)
+        dq = _users(idx, node.output[0])
+        override = insert.overrides.get(tensor) if tensor else None
+        if tensor is None or len(dq) != 1 or dq[0].op_type != "DequantizeLinear" or (override and override.lo is not None):
+            continue
+        if dq[0].input[1] != node.input[1] or len(node.input) < 3 or dq[0].input[2] != node.input[2]:
+            continue
+        nodes, names = [node, dq[0]], [node.input[1], node.input[2]]
+        clip = idx.producer_of(node.input[0])
+        if node.input[0] != tensor and clip is not None and clip.op_type == "Clip":
+            nodes.insert(0, clip)
+            names += [clip.input[1], clip.input[2]]
+        if all(n in idx.initializers for n in names):
+            bits = override.bits if override and override.bits else insert.act_bits
+            out.append(_Quantizer(tensor, nodes, names, bits))
+    return out
+
+
+def _block(idx: GraphIndex, tensor: str, ends: set[str], graph_outputs: set[str]) -> tuple[list[int], list[str]]:
+    """Node indices on paths from ``tensor`` to its block output(s), and those outputs."""
+    forward, stack, outputs = set(), [tensor], []
+    while stack:
+        name = stack.pop()
+        for i in idx.consumers.get(name, []):
+            if i in forward:
+                continue
+            forward.add(i)
+            for o in idx.nodes[i].output:
+                if o in ends:
+                    outputs.append(o)
+                else:
+                    if o in graph_outputs:
+                        outputs.append(o)
+                    stack.append(o)
+    outputs = list(dict.fromkeys(o for o in outputs if o in ends)) or list(dict.fromkeys(outputs))
+    backward, stack = set(), list(outputs)
+    while stack:
+        name = stack.pop()
+        i = idx.producer.get(name)
+        if i is None or i in backward or i not in forward:
+            continue
+        backward.add(i)
+        stack.extend(n for n in idx.nodes[i].input if n)
+    return sorted(forward & backward), outputs
+
+
+def _boundary(idx: GraphIndex, nodes: list[int], own: set[str]) -> list[str]:
+    """Tensors the block reads that it does not compute (constants and this quantizer's parameters excluded)."""
+    inside = {o for i in nodes for o in idx.nodes[i].output}
+    reads = {n for i in nodes for n in idx.nodes[i].input if n}
+    return sorted(n for n in reads - inside - own if not idx.is_constant(n) or n in idx.graph_inputs)
+
+
+def _block_session(qmodel: Model, idx: GraphIndex, nodes: list[int], boundary: list[str], own: list[str],
+                   outputs: list[str], sample: dict, params: dict) -> ort.InferenceSession:
+    """The block as a standalone model: boundary tensors and this quantizer's parameters in, block outputs out."""
+    reads = {n for i in nodes for n in idx.nodes[i].input if n}
+    inits = []
+    for name in sorted(reads - set(boundary) - set(own)):
+        if name in params:
+            inits.append(onnx.numpy_helper.from_array(np.asarray(params[name]), name))
+        else:
+            t = idx.constant_tensor(name)  # an initializer or a Constant node outside the block
+            if t is not None:
+                inits.append(onnx.numpy_helper.from_array(qmodel.array(t), name))
+    inputs = [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(sample[n].dtype), None) for n in boundary]
+    inputs += [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(np.asarray(params[n]).dtype), None) for n in own]
+    graph = helper.make_graph(
+        [idx.nodes[i] for i in nodes], "block", inputs,
+        [helper.make_tensor_value_info(o, helper.np_dtype_to_tensor_dtype(sample[o].dtype), None) for o in outputs], inits)
+    model = helper.make_model(graph, opset_imports=list(qmodel.proto.opset_import), ir_version=qmodel.proto.ir_version)
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+def _param_values(q: _Quantizer, params: dict, lo: float, hi: float, scheme: QScheme) -> dict[str, np.ndarray]:
+    """The quantizer's scale, zero point (and grid Clip bounds) for the range [lo, hi], in their stored dtypes."""
+    scale, zp = compute_qparams(lo, hi, scheme)
+    values = {
+        q.params[0]: np.asarray(scale, np.float32).reshape(np.shape(params[q.params[0]])),
+        q.params[1]: np.asarray(zp).astype(np.asarray(params[q.params[1]]).dtype).reshape(np.shape(params[q.params[1]])),
+    }
+    if len(q.params) == 4:
+        values[q.params[2]] = np.asarray((scheme.qmin - int(zp)) * float(scale), np.float32).reshape(np.shape(params[q.params[2]]))
+        values[q.params[3]] = np.asarray((scheme.qmax - int(zp)) * float(scale), np.float32).reshape(np.shape(params[q.params[3]]))
+    return values
+
+
+__all__ = ["RefineOptions", "Refined", "TunableQDQ", "refine_blocks", "refine_table"]
