@@ -197,6 +197,7 @@ def _load_recipe(path: Path | None):
 @click.option("--weight-bits", type=click.IntRange(2, 8), default=8, show_default=True)
 @click.option("--act-bits", type=click.IntRange(2, 8), default=8, show_default=True)
 @click.option("--per-tensor", is_flag=True, help="Per-tensor weight scales instead of per channel.")
+@click.option("--int4", is_flag=True, help="Store tensors of <= 4 bits as INT4/UINT4 (opset 21; the model is converted).")
 @click.option(
     "--placement",
     type=click.Choice(["auto", "full", "weighted"]),
@@ -212,8 +213,8 @@ def _load_recipe(path: Path | None):
 @click.option("--quiet", is_flag=True, help="No progress bar or summary.")
 @_output_options
 def quantize(model, output, calib_data, synthetic, input_shape, int_range, calib_samples, batch_size, method, percentile,
-             coverage, bias_correction, migrate_gamma, smoothquant, refine, target, weight_bits, act_bits, per_tensor, placement, exclude, recipe, report, save_table, quiet,
-             overwrite, external_data, external_data_threshold, external_data_location):
+             coverage, bias_correction, migrate_gamma, smoothquant, refine, target, int4, weight_bits, act_bits,
+             per_tensor, placement, exclude, recipe, report, save_table, quiet, overwrite, external_data, external_data_threshold, external_data_location):
     """Quantize MODEL to QDQ: fold-batchnorm, cleanup, calibrate, insert-qdq; report fidelity."""
     from ..calib import data as cdata
     from ..quant.quantize import QuantizeOptions, quantize as run_quantize
@@ -229,7 +230,7 @@ def quantize(model, output, calib_data, synthetic, input_shape, int_range, calib
         exclude=tuple(exclude), overrides=_load_recipe(recipe), placement=placement,
         observer_options=_observer_options(method, percentile, coverage), progress=not quiet,
         bias_correction=bias_correction, refine=refine, migrate_gamma=migrate_gamma,
-        smoothquant=_smoothquant_alpha(smoothquant),
+        smoothquant=_smoothquant_alpha(smoothquant), int4=int4,
     )
     m = load(model)
     if synthetic is not None:

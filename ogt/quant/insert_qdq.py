@@ -75,6 +75,7 @@ class InsertQDQ(Transform):
     max_range: float = 1e6
     weighted_only: bool = False
     keep_float_ops: tuple[str, ...] = ()  # op types whose activation inputs stay float (weighted ops unaffected)
+    int4: bool = False  # store tensors of <= 4 bits in the opset-21 INT4/UINT4 types (else in int8/uint8)
 
     def __post_init__(self) -> None:
         get_profile(self.target)
@@ -97,6 +98,11 @@ class InsertQDQ(Transform):
         if not plan.activations and not plan.weights:
             return TransformResult(model, False, {}, plan.skipped)
         self.table.check(model)
+        if self.int4 and (model.opset("") or 0) < 21:
+            raise TransformError(
+                f"int4/uint4 storage needs opset 21 (QuantizeLinear/DequantizeLinear with 4-bit types); the model has "
+                f"opset {model.opset('')}: convert it first (ogt quantize --int4 does)"
+            )
         counts = _Rewriter(self, model, plan).run()
         return TransformResult(model, True, counts_of(self.name, counts), plan.skipped)
 
@@ -220,6 +226,15 @@ def quantize_weight(w: np.ndarray, axis: int | None, bits: int, profile: TargetP
     return quantize(w, scale, zp, scheme).astype(np.int8), scale
 
 
+def _storage(signed: bool, bits: int, int4: bool):
+    """The numpy dtype a quantized tensor is stored in: int4/uint4 (ml_dtypes) when asked and it fits."""
+    if int4 and bits <= 4:
+        import ml_dtypes  # onnx's own dependency for its 4-bit types
+
+        return ml_dtypes.int4 if signed else ml_dtypes.uint4
+    return np.int8 if signed else np.uint8
+
+
 class _Rewriter:
     """Mutation only: every value was decided by the plan and the table."""
 
@@ -267,13 +282,13 @@ class _Rewriter:
         scheme = self.profile.act_scheme(bits)
         scale, zp = compute_qparams(lo, hi, scheme)
         self.act_scales[name] = float(scale)
-        storage = np.int8 if scheme.signed else np.uint8
+        storage = _storage(scheme.signed, bits, self.t.int4)
         s = add_initializer(self.g, self.names, f"{name}_scale", np.asarray(scale, np.float32).reshape(()))
         z = add_initializer(self.g, self.names, f"{name}_zero_point", np.asarray(zp, storage).reshape(()))
         first = min(i for i, _ in slots)
         src = name
         nodes = []
-        if bits < 8:
+        if bits < (4 if self.t.int4 and bits <= 4 else 8):
             c_lo = add_initializer(self.g, self.names, f"{name}_clip_min", np.float32((scheme.qmin - int(zp)) * float(scale)))
             c_hi = add_initializer(self.g, self.names, f"{name}_clip_max", np.float32((scheme.qmax - int(zp)) * float(scale)))
             src = self.names.new(f"{name}_clipped")
@@ -293,9 +308,10 @@ class _Rewriter:
         name = node.input[slot]
         w = self.model.array(self.idx.constant_storage(name)).astype(np.float32)
         wq, scale = quantize_weight(w, axis, self.t.weight_bits, self.profile)
-        q = add_initializer(self.g, self.names, f"{name}_quantized", wq)
+        storage = _storage(True, self.t.weight_bits, self.t.int4)
+        q = add_initializer(self.g, self.names, f"{name}_quantized", wq.astype(storage))
         s = add_initializer(self.g, self.names, f"{name}_scale", scale.astype(np.float32))
-        z = add_initializer(self.g, self.names, f"{name}_zero_point", np.zeros(scale.shape, np.int8))
+        z = add_initializer(self.g, self.names, f"{name}_zero_point", np.zeros(scale.shape, storage))
         dq = self.names.new(f"{name}_dequantized")
         extra = {"axis": axis} if axis is not None else {}
         self.before[i].append(make_node("DequantizeLinear", [q, s, z], [dq], self.names, f"{name}_DQ", **extra))

@@ -21,6 +21,7 @@ from ..calib.data import CalibrationSource, check_source, limit
 from ..calib.qparams import compute_qparams
 from ..calib.table import CalibrationTable
 from ..graph.build import make_node, rebuild_nodes
+from ..errors import UnsupportedModelError
 from ..graph.model import Model
 from ..graph.names import NameAllocator
 from ..graph.query import GraphIndex
@@ -52,6 +53,7 @@ class QuantizeOptions:
     smoothquant: float | str | None = None  # alpha, "auto", or None (off)
     smoothquant_samples: int = 32
     token_clip_alphas: tuple[float, ...] = DEFAULT_ALPHAS
+    int4: bool = False  # <= 4-bit tensors in the INT4/UINT4 types (the model is converted to opset 21)
     bias_correction: bool = True
     bias_samples: int = 64
     refine: bool = False
@@ -74,6 +76,7 @@ class QuantizeOptions:
             overrides=self.overrides,
             weighted_only=self.placement == "weighted",
             keep_float_ops=drop_ops,
+            int4=self.int4,
         )
 
 
@@ -160,6 +163,8 @@ def quantize(model: Model, source: CalibrationSource, options: QuantizeOptions =
     if options.smoothquant is not None:
         prep.append(SmoothQuant(data=limit(source, options.smoothquant_samples), alpha=options.smoothquant))
     steps = list(Pipeline(prep)(model).children)
+    if options.int4 and min(options.weight_bits, options.act_bits) <= 4 and (model.opset("") or 0) < 21:
+        to_opset_21(model)
     planner = options.insert_qdq()
     plan = planner.plan(model)
     scheme = planner.profile.act_scheme(options.act_bits)
@@ -193,6 +198,20 @@ def quantize(model: Model, source: CalibrationSource, options: QuantizeOptions =
     qdq = options.insert_qdq(table, kept)(model)
     layers, outputs = measure_fidelity(reference, model, source, options.report_samples)
     return QuantizeResult(model, table, [*steps, qdq], layers, outputs, options, placement, refined, extra)
+
+
+def to_opset_21(model: Model) -> None:
+    """Convert ``model`` in place to opset 21, where QuantizeLinear/DequantizeLinear take INT4/UINT4."""
+    from onnx import version_converter
+
+    try:
+        converted = version_converter.convert_version(model.proto, 21)
+    except Exception as exc:  # noqa: BLE001 - the converter raises several unrelated types
+        raise UnsupportedModelError(
+            f"--int4 needs opset 21 and onnx's version converter cannot convert this model from opset "
+            f"{model.opset('')}: {exc}"
+        ) from None
+    model.proto.CopyFrom(converted)
 
 
 def correct_bias(model: Model, source: CalibrationSource, plan, planner: InsertQDQ, options: QuantizeOptions) -> TransformResult:

@@ -163,3 +163,39 @@ def test_mobilenet_v2_quantizes_with_high_fidelity(mobilenet_v2_path, target):
     assert sqnr > 15  # random inputs, 3 calibration batches: int8 keeps the logits
     if target == "tensorrt":
         assert lint_tensorrt(m) == []
+
+
+@pytest.mark.parametrize("target", ["ort", "tensorrt"])
+@pytest.mark.parametrize("bits", [(4, 4), (4, 8), (3, 2)])
+def test_int4_storage_computes_what_restricted_int8_storage_computes(demo_path, target, bits):
+    from ogt.calib.data import iterable_source
+    from ogt.quant.quantize import QuantizeOptions, quantize as run_quantize
+
+    rng = np.random.default_rng(0)
+    m = ogt.load(demo_path)
+    name = m.graph.input[0].name
+    batches = [{name: rng.normal(size=(2, 3, 32, 32)).astype(np.float32)} for _ in range(2)]
+    wb, ab = bits
+    results = {}
+    for int4 in (False, True):
+        model = ogt.load(demo_path)
+        opts = QuantizeOptions(target=target, weight_bits=wb, act_bits=ab, int4=int4, progress=False, placement="full")
+        run_quantize(model, iterable_source(batches), opts)
+        results[int4] = model
+    four = results[True]
+    assert four.opset("") == 21
+    types = {t.data_type for t in four.graph.initializer}
+    assert onnx.TensorProto.INT4 in types  # weights (and int8-target activations) in 4-bit storage
+    if ab <= 4:
+        act_type = onnx.TensorProto.INT4 if target == "tensorrt" else onnx.TensorProto.UINT4
+        assert act_type in types
+    feeds = {name: batches[0][name]}
+    np.testing.assert_allclose(run(four, feeds)[four.graph.output[0].name],
+                               run(results[False], feeds)[four.graph.output[0].name], rtol=1e-5, atol=1e-5)
+
+
+def test_int4_refuses_an_old_opset_with_a_reason(demo_path):
+    m = folded(ogt.load(demo_path).proto)
+    table = minmax_table(m, InsertQDQ().plan(m).tensors_to_calibrate(), [random_feeds(m)])
+    with pytest.raises(ogt.errors.TransformError, match="opset 21"):
+        InsertQDQ(table=table, weight_bits=4, int4=True)(m)
