@@ -193,6 +193,11 @@ def _load_recipe(path: Path | None):
 @click.option("--smoothquant", "smoothquant", default=None, metavar="ALPHA|auto",
               help="Run smoothquant before calibration with this migration strength (0..1) or 'auto' (searched per layer).")
 @click.option("--refine", is_flag=True, help="Search each weighted layer's input range on that layer's output error (slower).")
+@click.option("--noisy-bias", is_flag=True, help="NoisyQuant: add searched fixed noise before the inputs of linear layers, "
+              "removed exactly through their biases (kept per layer only where it lowers that layer's error).")
+@click.option("--noisy-bias-include", multiple=True, metavar="GLOB",
+              help="--noisy-bias only for linear layers matching GLOB (node name or op type); repeatable.")
+@click.option("--noisy-bias-exclude", multiple=True, metavar="GLOB", help="--noisy-bias: skip linear layers matching GLOB; repeatable.")
 @click.option("--target", type=click.Choice(["ort", "tensorrt"]), default="ort", show_default=True)
 @click.option("--weight-bits", type=click.IntRange(2, 8), default=8, show_default=True)
 @click.option("--act-bits", type=click.IntRange(2, 8), default=8, show_default=True)
@@ -213,10 +218,11 @@ def _load_recipe(path: Path | None):
 @click.option("--quiet", is_flag=True, help="No progress bar or summary.")
 @_output_options
 def quantize(model, output, calib_data, synthetic, input_shape, int_range, calib_samples, batch_size, method, percentile,
-             coverage, bias_correction, migrate_gamma, smoothquant, refine, target, int4, weight_bits, act_bits,
+             coverage, bias_correction, migrate_gamma, smoothquant, refine, noisy_bias, noisy_bias_include, noisy_bias_exclude, target, int4, weight_bits, act_bits,
              per_tensor, placement, exclude, recipe, report, save_table, quiet, overwrite, external_data, external_data_threshold, external_data_location):
     """Quantize MODEL to QDQ: fold-batchnorm, cleanup, calibrate, insert-qdq; report fidelity."""
     from ..calib import data as cdata
+    from ..quant.noisy_bias import NoisyBiasOptions
     from ..quant.quantize import QuantizeOptions, quantize as run_quantize
 
     if (calib_data is None) == (synthetic is None):
@@ -230,8 +236,11 @@ def quantize(model, output, calib_data, synthetic, input_shape, int_range, calib
         exclude=tuple(exclude), overrides=_load_recipe(recipe), placement=placement,
         observer_options=_observer_options(method, percentile, coverage), progress=not quiet,
         bias_correction=bias_correction, refine=refine, migrate_gamma=migrate_gamma,
-        smoothquant=_smoothquant_alpha(smoothquant), int4=int4,
+        smoothquant=_smoothquant_alpha(smoothquant), int4=int4, noisy_bias=noisy_bias,
+        noisy_bias_options=NoisyBiasOptions(include=tuple(noisy_bias_include) or ("*",), exclude=tuple(noisy_bias_exclude)),
     )
+    if (noisy_bias_include or noisy_bias_exclude) and not noisy_bias:
+        raise click.UsageError("--noisy-bias-include/--noisy-bias-exclude apply to --noisy-bias")
     m = load(model)
     if synthetic is not None:
         source = cdata.synthetic_source(m, synthetic, input_shapes=cdata.parse_input_shapes(input_shape),
@@ -286,6 +295,12 @@ def _print_quantize_summary(result) -> None:
         click.echo(f"bias correction: {corrected} layers")
     if "token_clip" in result.extra:
         click.echo(f"token-clip: alpha {result.extra['token_clip']['alpha']} (lowest output MSE on the calibration data)")
+    if "noisy_bias" in result.extra:
+        rows = result.extra["noisy_bias"]
+        kept = [r for r in rows if r["kept"]]
+        extra_ops = sum(r["placement"] == "add" for r in kept) if result.options.target == "tensorrt" else 0
+        click.echo(f"noisy bias: kept on {len(kept)} of {len(rows)} linear-layer inputs"
+                   + (f" ({extra_ops} with an extra elementwise Add TensorRT cannot fold)" if extra_ops else ""))
     if result.refined:
         better = [r for r in result.refined if r.error_after < r.error_before]
         click.echo(f"refine: {len(better)} of {len(result.refined)} weighted-layer input ranges moved")

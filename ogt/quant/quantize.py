@@ -30,6 +30,7 @@ from ..transforms import Cleanup, FoldBatchNorm, MigrateGamma, Pipeline, Skip, S
 from .insert_qdq import InsertQDQ, TensorOverride
 from .profiles import WEIGHTED_OPS, get_profile
 from .bias_correction import ChannelMean, CorrectBias, input_channel_axis
+from .noisy_bias import NoisyBiasOptions
 from .refine import RefineOptions, Refined, refine_blocks, refine_table
 from .token_clip import DEFAULT_ALPHAS, search_alpha, token_taps
 
@@ -58,6 +59,8 @@ class QuantizeOptions:
     bias_samples: int = 64
     refine: bool = False
     refine_options: RefineOptions = RefineOptions()
+    noisy_bias: bool = False  # NoisyQuant: searched fixed noise before the inputs of linear layers
+    noisy_bias_options: NoisyBiasOptions = NoisyBiasOptions()
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -196,8 +199,12 @@ def quantize(model: Model, source: CalibrationSource, options: QuantizeOptions =
     elif options.refine:
         table, refined = refine_table(reference, table, source, options.insert_qdq(table, kept), options.refine_options)
     qdq = options.insert_qdq(table, kept)(model)
+    post = []
+    if options.noisy_bias:
+        post.append(options.noisy_bias_options.transform(reference, source, options.target)(model))
+        extra["noisy_bias"] = [row.as_dict() for row in post[-1].layers]
     layers, outputs = measure_fidelity(reference, model, source, options.report_samples)
-    return QuantizeResult(model, table, [*steps, qdq], layers, outputs, options, placement, refined, extra)
+    return QuantizeResult(model, table, [*steps, qdq, *post], layers, outputs, options, placement, refined, extra)
 
 
 def to_opset_21(model: Model) -> None:
@@ -341,8 +348,20 @@ def quantized_layers(model: Model) -> list[tuple[str, str, str]]:
         if node.op_type in WEIGHTED_OPS and len(node.input) > 1:
             p = idx.producer_of(node.input[1])
             if p is not None and p.op_type == "DequantizeLinear":
-                out.append((node.name, node.op_type, node.output[0]))
+                out.append((node.name, node.op_type, _after_bias_add(idx, node)))
     return out
+
+
+def _after_bias_add(idx: GraphIndex, node) -> str:
+    """A MatMul's output after its bias Add (its one reader, with a constant operand): the layer's
+    output, which noisy-bias keeps equal to float while the bare MatMul output carries ``N W``."""
+    y = node.output[0]
+    users = idx.consumers.get(y, [])
+    if node.op_type == "MatMul" and len(users) == 1 and y not in idx.graph_outputs:
+        add = idx.nodes[users[0]]
+        if add.op_type == "Add" and len(add.input) == 2 and any(n != y and idx.is_constant(n) for n in add.input):
+            return add.output[0]
+    return y
 
 
 def measure_fidelity(
