@@ -46,7 +46,7 @@ class ChannelMean:
     def __call__(self, x: np.ndarray) -> None:
         axis = self.axis % x.ndim
         other = tuple(a for a in range(x.ndim) if a != axis)
-        s = x.astype(np.float64).sum(axis=other)
+        s = x.sum(axis=other, dtype=np.float64)  # accumulates in float64 without a float64 copy of x
         self.total = s if self.total is None else self.total + s
         self.count += x.size // max(x.shape[axis], 1)
 

@@ -47,7 +47,7 @@ class QuantizeOptions:
     placement: str = "auto"  # "auto" | "full" | "weighted"
     observer_options: Mapping[str, object] = dataclasses.field(default_factory=dict)
     progress: bool = True
-    report_samples: int = 32
+    report_samples: int = 16
     placement_samples: int = 8
     placement_gain_db: float = 1.0
     migrate_gamma: bool = False
@@ -56,7 +56,7 @@ class QuantizeOptions:
     token_clip_alphas: tuple[float, ...] = DEFAULT_ALPHAS
     int4: bool = False  # <= 4-bit tensors in the INT4/UINT4 types (the model is converted to opset 21)
     bias_correction: bool = True
-    bias_samples: int = 64
+    bias_samples: int = 16  # channel means settle fast; measured: 16 and 64 give the same MobileNetV2 fidelity
     refine: bool = False
     refine_options: RefineOptions = RefineOptions()
     noisy_bias: bool = False  # NoisyQuant: searched fixed noise before the inputs of linear layers
