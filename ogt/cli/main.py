@@ -53,6 +53,32 @@ def cli(debug: bool, verbose: int) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
 
 
+def _calibration_options(f):
+    """The calibration-data options every command that reads data shares (quantize, prune)."""
+    for decorator in reversed([
+        click.option("--calib-data", type=click.Path(path_type=Path), help=".npz / .npy file, or a folder of them or of images."),
+        click.option("--synthetic", type=click.IntRange(min=1), help="N random samples from the input spec."),
+        click.option("--input-shape", multiple=True, help="Shape of a dynamic input for --synthetic: name:1x3x224x224."),
+        click.option("--int-range", multiple=True, help="Range of an integer input for --synthetic: name:LO,HI."),
+        click.option("--calib-samples", type=click.IntRange(min=1), help="Use at most N calibration samples."),
+        click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True),
+    ]):
+        f = decorator(f)
+    return f
+
+
+def calibration_source(model, calib_data, synthetic, input_shape, int_range, calib_samples, batch_size):
+    """The CalibrationSource the shared options describe, for ``model``."""
+    from ..calib import data as cdata
+
+    if synthetic is not None:
+        source = cdata.synthetic_source(model, synthetic, input_shapes=cdata.parse_input_shapes(input_shape),
+                                        int_ranges=_parse_int_ranges(int_range), batch_size=batch_size)
+    else:
+        source = cdata.open_source(calib_data, model, batch_size=batch_size)
+    return cdata.limit(source, calib_samples) if calib_samples is not None else source
+
+
 def _output_options(f):
     f = click.option("--overwrite", is_flag=True, help="Allow writing over the input model.")(f)
     f = click.option(
@@ -176,12 +202,7 @@ def _load_recipe(path: Path | None):
 @cli.command()
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Output model (default: <model>.quant.onnx).")
-@click.option("--calib-data", type=click.Path(path_type=Path), help=".npz / .npy file, or a folder of them or of images.")
-@click.option("--synthetic", type=click.IntRange(min=1), help="Calibrate on N random samples from the input spec.")
-@click.option("--input-shape", multiple=True, help="Shape of a dynamic input for --synthetic: name:1x3x224x224.")
-@click.option("--int-range", multiple=True, help="Range of an integer input for --synthetic: name:LO,HI.")
-@click.option("--calib-samples", type=click.IntRange(min=1), help="Use at most N calibration samples.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True)
+@_calibration_options
 @click.option("--method", type=click.Choice(["minmax", "percentile", "entropy", "mse", "token-clip"]), default="minmax",
               show_default=True, help="token-clip: Outlier Suppression's token-wise clipping (coarse alpha search + layer-wise refinement).")
 @click.option("--percentile", type=click.FloatRange(50, 100), default=None, help="Percentile for --method percentile.")
@@ -221,7 +242,6 @@ def quantize(model, output, calib_data, synthetic, input_shape, int_range, calib
              coverage, bias_correction, migrate_gamma, smoothquant, refine, noisy_bias, noisy_bias_include, noisy_bias_exclude, target, int4, weight_bits, act_bits,
              per_tensor, placement, exclude, recipe, report, save_table, quiet, overwrite, external_data, external_data_threshold, external_data_location):
     """Quantize MODEL to QDQ: fold-batchnorm, cleanup, calibrate, insert-qdq; report fidelity."""
-    from ..calib import data as cdata
     from ..quant.noisy_bias import NoisyBiasOptions
     from ..quant.quantize import QuantizeOptions, quantize as run_quantize
 
@@ -242,13 +262,7 @@ def quantize(model, output, calib_data, synthetic, input_shape, int_range, calib
     if (noisy_bias_include or noisy_bias_exclude) and not noisy_bias:
         raise click.UsageError("--noisy-bias-include/--noisy-bias-exclude apply to --noisy-bias")
     m = load(model)
-    if synthetic is not None:
-        source = cdata.synthetic_source(m, synthetic, input_shapes=cdata.parse_input_shapes(input_shape),
-                                        int_ranges=_parse_int_ranges(int_range), batch_size=batch_size)
-    else:
-        source = cdata.open_source(calib_data, m, batch_size=batch_size)
-    if calib_samples is not None:
-        source = cdata.limit(source, calib_samples)
+    source = calibration_source(m, calib_data, synthetic, input_shape, int_range, calib_samples, batch_size)
     result = run_quantize(m, source, options)
     save(result.model, out, external_data=external_data, size_threshold=external_data_threshold, location=external_data_location)
     if save_table is not None:

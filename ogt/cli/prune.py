@@ -12,8 +12,9 @@ from ..transforms import Cleanup, FoldBatchNorm, Pipeline
 from ..transforms.pack_nm import PackNM
 from ..transforms.prune_nm import PruneNM, collect_norms
 from .main import (
+    _calibration_options,
     _output_options,
-    _parse_int_ranges,
+    calibration_source,
     check_writable,
     cli,
     resolve_output,
@@ -27,12 +28,7 @@ from .main import (
 @click.option("--m", "m", type=click.IntRange(min=2), default=4, show_default=True, help="... in every M consecutive weights.")
 @click.option("--criterion", type=click.Choice(["magnitude", "activation"]), default="magnitude", show_default=True,
               help="magnitude: |W|; activation: |W| x input-channel L2 norm on calibration data (Wanda).")
-@click.option("--calib-data", type=click.Path(path_type=Path), help="For --criterion activation: .npz / .npy, or a folder.")
-@click.option("--synthetic", type=click.IntRange(min=1), help="For --criterion activation: N random samples.")
-@click.option("--input-shape", multiple=True, help="Shape of a dynamic input for --synthetic: name:1x3x224x224.")
-@click.option("--int-range", multiple=True, help="Range of an integer input for --synthetic: name:LO,HI.")
-@click.option("--calib-samples", type=click.IntRange(min=1), help="Use at most N calibration samples.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True)
+@_calibration_options
 @click.option("--target", type=click.Choice(["ort", "tensorrt"]), default="ort", show_default=True,
               help="tensorrt: MatMul with a pruned constant weight becomes Gemm(transB=1).")
 @click.option("--min-channels", type=click.IntRange(min=0), default=0, show_default=True,
@@ -71,14 +67,7 @@ def prune(model, output, n, m, criterion, calib_data, synthetic, input_shape, in
         steps.extend(res.children)
     norms = None
     if criterion == "activation":
-        if synthetic is not None:
-            source = cdata.synthetic_source(g, synthetic, input_shapes=cdata.parse_input_shapes(input_shape),
-                                            int_ranges=_parse_int_ranges(int_range), batch_size=batch_size)
-        else:
-            source = cdata.open_source(calib_data, g, batch_size=batch_size)
-        source = cdata.checked(g, source)
-        if calib_samples is not None:
-            source = cdata.limit(source, calib_samples)
+        source = cdata.checked(g, calibration_source(g, calib_data, synthetic, input_shape, int_range, calib_samples, batch_size))
         norms = collect_norms(g, source, m)
     res = PruneNM(n=n, m=m, criterion=criterion, norms=norms, exclude=tuple(exclude), min_channels=min_channels,
                   target=target)(g)
