@@ -28,6 +28,24 @@ and zero point, the readers with their quantized weights and biases; ``x`` and t
 from the float model). A layer keeps the best candidate when it lowers that error by at least
 ``min_gain`` (relative); otherwise it keeps no noise and the report says so.
 
+``objective``: what a candidate is scored on. ``"layer"`` is the readers' error above.
+``"block"`` (the default when the model has a LayerNorm) scores the output of the quantizer's
+*block* instead, as refine's block objective does: the nodes from ``x`` to the next LayerNorm
+output (or to the graph outputs when none follows), run alone in onnxruntime, fed with the
+tensors entering the block as the quantized model computes them (noise already kept upstream
+included), against the float model's block output (relative squared error). The noise ``N`` and
+each reader's bias change ``-N W_q`` are inputs of that block model (``Add(x, N)`` before the
+Clip/Q, ``Add(y, -N W_q)`` after each reader), so one session serves every candidate. Both
+objectives score the bias change as the rewrite stores it: rounded to the int32 bias step
+``s_x s_w`` where the bias is int32 (``--target ort``); at 4-bit activations that rounding is
+not negligible on narrow layers, and an unrounded score could keep noise that makes the graph
+worse. The
+layer objective proved a poor proxy on MiniLM-L3: every kept layer's own error fell, yet the
+end cosine fell at W8A4 percentile, because a layer's error says nothing about how it adds up
+with the residual and the next quantizers. The report keeps the layer error of the chosen
+candidate in both modes (``error_before``/``error_after``) and, for the block objective, the
+block error (``block_error_before``/``block_error_after``) that decided.
+
 Decisions:
 
 - the quantizer's scale and zero point stay as calibrated. ``x + N`` may reach up to
@@ -52,7 +70,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import zlib
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from typing import ClassVar
 
@@ -65,10 +83,12 @@ from ..calib.collect import plan_groups
 from ..calib.data import CalibrationSource, batch_len, limit
 from ..errors import TransformError
 from ..graph.model import Model
+from ..graph.patterns import layernorms
 from ..graph.query import GraphIndex, infer_types
 from ..testing.equivalence import Runner
 from ..transforms._base import Skip, Transform, TransformContext, TransformResult, counts_of, register
-from ._noise_sites import Linear, Site, find_sites, rewrite
+from ._noise_sites import Linear, Site, dequantized, find_sites, rewrite
+from .refine import _block, _boundary
 
 METADATA_KEY = "ogt.noisy-bias"
 
@@ -87,6 +107,9 @@ class NoisyLayer:
     error_after: float
     placement: str  # "add", "bias of <node>", or "none"
     note: str = ""
+    objective: str = "layer"  # what decided: "layer" (error_*) or "block" (block_error_*)
+    block_error_before: float | None = None
+    block_error_after: float | None = None
 
     @property
     def gain_db(self) -> float:
@@ -94,8 +117,17 @@ class NoisyLayer:
             return 0.0
         return float(10 * np.log10(self.error_before / self.error_after))
 
+    @property
+    def block_gain_db(self) -> float | None:
+        b, a = self.block_error_before, self.block_error_after
+        if b is None or a is None or a <= 0 or b <= 0:
+            return None
+        return float(10 * np.log10(b / a))
+
     def as_dict(self) -> dict:
-        return {**dataclasses.asdict(self), "gain_db": round(self.gain_db, 4)}
+        g = self.block_gain_db
+        return {**dataclasses.asdict(self), "gain_db": round(self.gain_db, 4),
+                "block_gain_db": None if g is None else round(g, 4)}
 
 
 @dataclasses.dataclass
@@ -119,6 +151,8 @@ class NoisyBiasOptions:
     include: tuple[str, ...] = ("*",)  # globs on the linear layers' node names or op types
     exclude: tuple[str, ...] = ()
     min_gain: float = 0.02  # relative error reduction a layer needs to keep its noise
+    objective: str | None = None  # "layer" | "block"; None: "block" when the model has a LayerNorm
+    holdout: bool = True  # block objective: confirm the chosen candidate on the next `samples` samples
 
     def transform(self, reference: Model, data, target: str = "ort") -> NoisyBias:
         return NoisyBias(reference=reference, data=data, target=target, **dataclasses.asdict(self))
@@ -144,9 +178,13 @@ class NoisyBias(Transform):
     include: tuple[str, ...] = ("*",)
     exclude: tuple[str, ...] = ()
     min_gain: float = 0.02
+    objective: str | None = None  # "layer" | "block"; None: "block" when the reference has a LayerNorm
+    holdout: bool = True  # block objective: confirm the chosen candidate on the next `samples` samples
     budget_bytes: int = 256 << 20
 
     def __post_init__(self) -> None:
+        if self.objective not in (None, "layer", "block"):
+            raise ValueError(f"objective must be layer or block, got {self.objective!r}")
         if self.target not in ("ort", "tensorrt"):
             raise ValueError(f"target must be ort or tensorrt, got {self.target!r}")
         if not self.amplitudes or any(a < 0 for a in self.amplitudes):
@@ -179,6 +217,17 @@ class NoisyBias(Transform):
             else:
                 searchable.append(s)
         batches = _batches(self.data, self.samples)
+        n_search = len(batches)
+        ends = {m.output for m in layernorms(GraphIndex(self.reference.graph))}
+        objective = self.objective or ("block" if ends else "layer")
+        block_refs = None
+        all_batches = batches
+        if objective == "block":  # the float model's block outputs: every LayerNorm output and graph output
+            graph_outputs = {o.name for o in model.graph.output}
+            run_ref = Runner(self.reference, sorted((ends | graph_outputs) & present))
+            if self.holdout:  # the next `samples` calibration samples confirm the chosen candidate
+                all_batches = _batches(self.data, 2 * self.samples)
+            block_refs = [run_ref(b) for b in all_batches]
         rows, kept, current = [], [], {model.graph.node[s.q].name: s for s in searchable}
         groups = [[(model.graph.node[s.q].name, _outputs(model, s)) for s in g]
                   for g in _groups(model, searchable, batches, self.budget_bytes)]  # names: indices move on rewrite
@@ -187,10 +236,13 @@ class NoisyBias(Transform):
             refs = [run_ref(b) for b in batches]
             for qname, _ in group:
                 site = current[qname]
-                # x as the quantizer sees it: after the upstream quantization error and upstream noise
-                run_q = Runner(model, [site.tensor])
-                values = [{**r, site.tensor: run_q(b)[site.tensor]} for r, b in zip(refs, batches)]
-                row, noise = self._search(model, site, values)
+                block = _BlockScorer.build(model, site, ends, all_batches, block_refs, n_search) if block_refs is not None else None
+                if block is not None:
+                    values = [{**r, site.tensor: f[site.tensor]} for r, f in zip(refs, block.feeds)]
+                else:  # x as the quantizer sees it: after the upstream quantization error and upstream noise
+                    run_q = Runner(model, [site.tensor])
+                    values = [{**r, site.tensor: run_q(b)[site.tensor]} for r, b in zip(refs, batches)]
+                row, noise = self._search(model, site, values, block)
                 if noise is not None:
                     placement = rewrite(model, {site.tensor: (site, noise)}, int32_bias=self.target == "ort")
                     row = dataclasses.replace(row, placement=placement[site.tensor])
@@ -216,9 +268,14 @@ class NoisyBias(Transform):
                               fold_into_producer=self.target == "tensorrt")
         return {model.graph.node[s.q].name: s for s in sites}
 
-    def _search(self, model: Model, site: Site, values: list[dict[str, np.ndarray]]) -> tuple[NoisyLayer, np.ndarray | None]:
+    def _search(self, model: Model, site: Site, values: list[dict[str, np.ndarray]],
+                block: _BlockScorer | None = None) -> tuple[NoisyLayer, np.ndarray | None]:
         layer_names = tuple(model.graph.node[c.node].name for c in site.consumers)
-        score = _Scorer(model, site, values)
+        grids = _delta_grids(model, site, self.target == "ort")
+        layer = _Scorer(model, site, values, grids)
+        if block is not None:
+            block.grids = grids
+        score = block if block is not None else layer
         u = noise_pattern(self.seed, site.tensor, site.channels)
         zero = np.zeros(site.noise_shape, np.float32)
         before = score(zero)
@@ -231,12 +288,30 @@ class NoisyBias(Transform):
                 if err < best_err:
                     best, best_err = (a, sh), err
         step = float(site.step)
+        objective = "layer" if block is None else "block"
+        layer_before = before if block is None else layer(zero)
+        blk = {} if block is None else {"block_error_before": before}
         if best == (0.0, 0.0) or not best_err < before * (1 - self.min_gain):
             note = "noise did not lower the error" if best == (0.0, 0.0) else \
-                f"best candidate lowered the error by {100 * (1 - best_err / before):.2f}% < min_gain {100 * self.min_gain:g}%"
-            return NoisyLayer(site.tensor, layer_names, False, 0.0, 0.0, step, before, before, "none", note), None
+                f"best candidate lowered the {objective} error by {100 * (1 - best_err / before):.2f}% < min_gain {100 * self.min_gain:g}%"
+            if block is not None:
+                blk["block_error_after"] = before
+            return NoisyLayer(site.tensor, layer_names, False, 0.0, 0.0, step, layer_before, layer_before, "none", note,
+                              objective, **blk), None
         a, sh = best
-        return NoisyLayer(site.tensor, layer_names, True, a, sh, step, before, best_err, ""), noise(site, u, a, sh)
+        n = noise(site, u, a, sh)
+        if block is not None and block.has_holdout:  # the winner of 16 candidates on 8 samples may be luck
+            held_before, held_after = block(zero, held=True), block(n, held=True)
+            if not held_after < held_before:
+                note = (f"best candidate (block error -{100 * (1 - best_err / before):.2f}% on the search samples) "
+                        f"did not lower it on the held-out samples ({100 * (held_after / held_before - 1):+.2f}%)")
+                return NoisyLayer(site.tensor, layer_names, False, 0.0, 0.0, step, layer_before, layer_before, "none",
+                                  note, objective, before, before), None
+        if block is not None:
+            blk["block_error_after"] = best_err
+        layer_after = best_err if block is None else layer(n)
+        return NoisyLayer(site.tensor, layer_names, True, a, sh, step, layer_before, layer_after, "", "",
+                          objective, **blk), n
 
 
 def noise_pattern(seed: int, tensor: str, channels: int) -> np.ndarray:
@@ -253,8 +328,9 @@ def noise(site: Site, u: np.ndarray, amplitude: float, shift: float) -> np.ndarr
 class _Scorer:
     """One onnxruntime session: x, N -> Add -> the quantizer's exact Clip/Q/DQ -> the readers."""
 
-    def __init__(self, model: Model, site: Site, values: list[dict[str, np.ndarray]]):
+    def __init__(self, model: Model, site: Site, values: list[dict[str, np.ndarray]], grids: list | None = None):
         self.site = site
+        self.grids = grids or [None] * len(site.consumers)
         self.outputs = _outputs(model, site)
         self.session = _session(_mini_model(model, site, self.outputs))
         self.xs = [v[site.tensor] for v in values]
@@ -263,7 +339,7 @@ class _Scorer:
 
     def __call__(self, n: np.ndarray) -> float:
         n = n.astype(np.float32)
-        deltas = [_shaped_delta(c, n) for c in self.site.consumers]
+        deltas = [_shaped_delta(c, n, g) for c, g in zip(self.site.consumers, self.grids)]
         err = [0.0] * len(self.outputs)
         for x, refs in zip(self.xs, self.refs):
             got = self.session.run(self.outputs, {self.site.tensor: x, "__noise": n})
@@ -272,9 +348,123 @@ class _Scorer:
         return sum(e / s for e, s in zip(err, self.energy))
 
 
-def _shaped_delta(c: Linear, n: np.ndarray) -> np.ndarray:
+class _BlockScorer:
+    """The quantizer's block (``x`` to the next LayerNorm output) as one onnxruntime model with the
+    noise and each reader's bias change as inputs; scores a noise by the block output's relative
+    squared error against the float model, fed with the block's entering tensors as the current
+    quantized model computes them."""
+
+    def __init__(self, site: Site, session: ort.InferenceSession, outputs: list[str],
+                 feeds: list[dict[str, np.ndarray]], refs: list[list[np.ndarray]], deltas: list[tuple[str, Linear]]):
+        self.site, self.session, self.outputs, self.feeds, self.refs, self.deltas = site, session, outputs, feeds, refs, deltas
+        self.n_search = len(feeds)
+        self.grids: dict[int, np.ndarray | None] | list | None = None  # per consumer (site.consumers order)
+
+    @classmethod
+    def build(cls, model: Model, site: Site, ends: set[str], batches: list[dict], block_refs: list[dict],
+              n_search: int) -> _BlockScorer | None:
+        idx = GraphIndex(model.graph)
+        graph_outputs = {o.name for o in model.graph.output}
+        nodes, outputs = _block(idx, site.tensor, ends, graph_outputs)
+        outputs = [o for o in outputs if all(o in r for r in block_refs)]
+        if not nodes or not outputs:
+            return None
+        boundary = _boundary(idx, nodes, set())
+        if site.tensor not in boundary:
+            boundary.append(site.tensor)
+        inputs = {i.name for i in model.graph.input}
+        run_q = Runner(model, [n for n in boundary if n not in inputs])
+        feeds = []
+        for b in batches:
+            got = run_q(b)
+            feeds.append({n: (b[n] if n in inputs else got[n]) for n in boundary})
+        refs = [[r[o].astype(np.float64) for o in outputs] for r in block_refs]
+        inside = set(nodes)
+        deltas = [(f"__delta{k}", c) for k, c in enumerate(site.consumers) if c.node in inside]
+        proto = _block_model(model, idx, site, nodes, boundary, outputs, deltas, {**block_refs[0], **feeds[0]})
+        scorer = cls(site, _session(proto), outputs, feeds, refs, deltas)
+        scorer.n_search = n_search
+        return scorer
+
+    @property
+    def has_holdout(self) -> bool:
+        return len(self.feeds) > self.n_search
+
+    def __call__(self, n: np.ndarray, held: bool = False) -> float:
+        """Relative block error on the search samples, or with ``held`` on the held-out ones."""
+        n = n.astype(np.float32)
+        part = slice(self.n_search, None) if held else slice(0, self.n_search)
+        grid = dict(zip((c.node for c in self.site.consumers), self.grids or [None] * len(self.site.consumers)))
+        extra = {"__noise": n, **{name: (-_shaped_delta(c, n, grid[c.node])).astype(np.float32) for name, c in self.deltas}}
+        total = 0.0
+        energy = 0.0
+        for f, rs in zip(self.feeds[part], self.refs[part]):
+            got = self.session.run(self.outputs, {**f, **extra})
+            total += sum(float(((g.astype(np.float64) - r) ** 2).sum()) for g, r in zip(got, rs))
+            energy += sum(float((r**2).sum()) for r in rs)
+        return total / max(energy, 1e-30)
+
+
+def _block_model(model: Model, idx: GraphIndex, site: Site, nodes: list[int], boundary: list[str], outputs: list[str],
+                 deltas: list[tuple[str, Linear]], sample: dict[str, np.ndarray]) -> bytes:
+    """The block's nodes with ``Add(x, __noise)`` before the quantizer and ``Add(y, __delta<k>)`` after reader k."""
+    readers = defaultdict(list)
+    for i, slot in site.readers:
+        readers[i].append(slot)
+    after = {c.node: name for name, c in deltas}
+    out_nodes = [helper.make_node("Add", [site.tensor, "__noise"], ["__noisy"])]
+    for i in nodes:
+        copy = onnx.NodeProto()
+        copy.CopyFrom(idx.nodes[i])
+        for slot in readers.get(i, ()):
+            copy.input[slot] = "__noisy"
+        out_nodes.append(copy)
+        if i in after:
+            y = copy.output[0]
+            copy.output[0] = f"{y}__before_delta"
+            out_nodes.append(helper.make_node("Add", [copy.output[0], after[i]], [y]))
+    inits, seen = [], set(boundary)
+    for n in out_nodes:
+        for name in n.input:
+            if name and name not in seen:
+                seen.add(name)
+                t = idx.constant_tensor(name)  # an initializer or a Constant node outside the block
+                if t is not None:
+                    inits.append(onnx.numpy_helper.from_array(model.array(t), name))
+    dtype = helper.np_dtype_to_tensor_dtype
+    inputs = [helper.make_tensor_value_info(n, dtype(sample[n].dtype), None) for n in boundary]
+    inputs.append(helper.make_tensor_value_info("__noise", TensorProto.FLOAT, list(site.noise_shape)))
+    inputs += [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name, _ in deltas]
+    graph = helper.make_graph(out_nodes, "noisy_bias_block", inputs,
+                              [helper.make_tensor_value_info(o, dtype(sample[o].dtype), None) for o in outputs], inits)
+    m = helper.make_model(graph, opset_imports=list(model.proto.opset_import), ir_version=model.proto.ir_version)
+    return m.SerializeToString()
+
+
+def _shaped_delta(c: Linear, n: np.ndarray, grid: np.ndarray | None = None) -> np.ndarray:
+    """``N W`` per output channel, as the rewritten bias will add it: on ``grid`` (an int32 bias's step) if any."""
     d = c.delta(n.astype(np.float64))
+    if grid is not None:
+        d = np.round(d / grid) * grid
     return d.reshape((-1,) + (1,) * c.trailing) if c.op == "Conv" else d
+
+
+def _delta_grids(model: Model, site: Site, int32_bias: bool) -> list[np.ndarray | None]:
+    """Per reader, the step its bias change is rounded to by :func:`rewrite` (``beta * s_x * s_w`` for an
+    int32 bias, existing or created for ``--target ort``), or None for a float bias: the search scores
+    the rounded change, so what it keeps is what the graph computes."""
+    idx = GraphIndex(model.graph)
+    out = []
+    for c in site.consumers:
+        b, grid = c.bias, None
+        if b.kind == "bias-int32":
+            _, s = dequantized(model, idx, idx.nodes[b.dq])
+            grid = None if s is None else b.beta * s
+        elif b.kind == "no-bias" and int32_bias and site.step is not None and b.w_scale is not None \
+                and b.w_scale.size in (1, c.w.shape[0] if c.op == "Conv" else c.w.shape[1]):
+            grid = b.beta * (site.step * np.asarray(b.w_scale, np.float64)).astype(np.float32).astype(np.float64)
+        out.append(grid)
+    return out
 
 
 def _outputs(model: Model, site: Site) -> list[str]:
