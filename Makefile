@@ -43,6 +43,7 @@ bench: test-deps
 	$(BIN)/python benchmarks/bn_fold_large.py --gb 2.5
 	$(BIN)/python benchmarks/quantize_compare.py
 	$(BIN)/python benchmarks/sparsity_compare.py
+	$(BIN)/python benchmarks/outliers_compare.py
 
 clean:
 	rm -rf build .pytest_cache .hypothesis
