@@ -39,7 +39,14 @@ Clip/Q, ``Add(y, -N W_q)`` after each reader), so one session serves every candi
 objectives score the bias change as the rewrite stores it: rounded to the int32 bias step
 ``s_x s_w`` where the bias is int32 (``--target ort``); at 4-bit activations that rounding is
 not negligible on narrow layers, and an unrounded score could keep noise that makes the graph
-worse. The
+worse. ``"output"`` is the block objective with one block, ``x`` to the graph outputs
+(slower; what a model without LayerNorm gets with ``"block"`` too).
+
+With the block and output objectives the winner (best of 16 candidates) must lower the error by
+``min_gain`` on the ``samples`` search samples *and* on the next ``samples`` calibration samples
+(``holdout``): on MiniLM-L3 at W8A4 a winner chosen on 8 samples lowered its block error on them
+and on 8 held-out ones, yet lowered the end cosine on the 256 evaluation sentences; with 16 + 16
+samples (the default for these objectives; 8 for the layer objective) it is declined. The
 layer objective proved a poor proxy on MiniLM-L3: every kept layer's own error fell, yet the
 end cosine fell at W8A4 percentile, because a layer's error says nothing about how it adds up
 with the residual and the next quantizers. The report keeps the layer error of the chosen
@@ -147,7 +154,7 @@ class NoisyBiasOptions:
     seed: int = 0
     amplitudes: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)  # in quantizer steps
     shifts: tuple[float, ...] = (-0.5, -0.25, 0.0, 0.25)  # in quantizer steps
-    samples: int = 8
+    samples: int | None = None  # search samples; None: 16 for the block/output objectives, 8 for layer
     include: tuple[str, ...] = ("*",)  # globs on the linear layers' node names or op types
     exclude: tuple[str, ...] = ()
     min_gain: float = 0.02  # relative error reduction a layer needs to keep its noise
@@ -174,7 +181,7 @@ class NoisyBias(Transform):
     seed: int = 0
     amplitudes: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)
     shifts: tuple[float, ...] = (-0.5, -0.25, 0.0, 0.25)
-    samples: int = 8
+    samples: int | None = None  # search samples; None: 16 for the block/output objectives, 8 for layer
     include: tuple[str, ...] = ("*",)
     exclude: tuple[str, ...] = ()
     min_gain: float = 0.02
@@ -183,15 +190,15 @@ class NoisyBias(Transform):
     budget_bytes: int = 256 << 20
 
     def __post_init__(self) -> None:
-        if self.objective not in (None, "layer", "block"):
-            raise ValueError(f"objective must be layer or block, got {self.objective!r}")
+        if self.objective not in (None, "layer", "block", "output"):
+            raise ValueError(f"objective must be layer, block or output, got {self.objective!r}")
         if self.target not in ("ort", "tensorrt"):
             raise ValueError(f"target must be ort or tensorrt, got {self.target!r}")
         if not self.amplitudes or any(a < 0 for a in self.amplitudes):
             raise ValueError(f"amplitudes must be non-empty and >= 0, got {self.amplitudes}")
         if not self.shifts:
             raise ValueError("shifts must not be empty (use (0.0,) for no shift)")
-        if self.samples < 1:
+        if self.samples is not None and self.samples < 1:
             raise ValueError(f"samples must be at least 1, got {self.samples}")
 
     def apply(self, model: Model, ctx: TransformContext) -> TransformResult:
@@ -216,17 +223,20 @@ class NoisyBias(Transform):
                 skipped.append(Skip(n.name, n.op_type, f"'{missing[0]}' is not in the reference model"))
             else:
                 searchable.append(s)
-        batches = _batches(self.data, self.samples)
-        n_search = len(batches)
         ends = {m.output for m in layernorms(GraphIndex(self.reference.graph))}
         objective = self.objective or ("block" if ends else "layer")
+        samples = self.samples or (8 if objective == "layer" else 16)
+        batches = _batches(self.data, samples)
+        n_search = len(batches)
+        if objective == "output":  # one block: x to the graph outputs
+            ends = set()
         block_refs = None
         all_batches = batches
-        if objective == "block":  # the float model's block outputs: every LayerNorm output and graph output
+        if objective in ("block", "output"):  # the float model's block outputs: every LayerNorm output and graph output
             graph_outputs = {o.name for o in model.graph.output}
             run_ref = Runner(self.reference, sorted((ends | graph_outputs) & present))
             if self.holdout:  # the next `samples` calibration samples confirm the chosen candidate
-                all_batches = _batches(self.data, 2 * self.samples)
+                all_batches = _batches(self.data, 2 * samples)
             block_refs = [run_ref(b) for b in all_batches]
         rows, kept, current = [], [], {model.graph.node[s.q].name: s for s in searchable}
         groups = [[(model.graph.node[s.q].name, _outputs(model, s)) for s in g]
@@ -237,6 +247,8 @@ class NoisyBias(Transform):
             for qname, _ in group:
                 site = current[qname]
                 block = _BlockScorer.build(model, site, ends, all_batches, block_refs, n_search) if block_refs is not None else None
+                if block is not None:
+                    block.objective = objective
                 if block is not None:
                     values = [{**r, site.tensor: f[site.tensor]} for r, f in zip(refs, block.feeds)]
                 else:  # x as the quantizer sees it: after the upstream quantization error and upstream noise
@@ -288,7 +300,7 @@ class NoisyBias(Transform):
                 if err < best_err:
                     best, best_err = (a, sh), err
         step = float(site.step)
-        objective = "layer" if block is None else "block"
+        objective = "layer" if block is None else block.objective
         layer_before = before if block is None else layer(zero)
         blk = {} if block is None else {"block_error_before": before}
         if best == (0.0, 0.0) or not best_err < before * (1 - self.min_gain):
@@ -300,11 +312,11 @@ class NoisyBias(Transform):
                               objective, **blk), None
         a, sh = best
         n = noise(site, u, a, sh)
-        if block is not None and block.has_holdout:  # the winner of 16 candidates on 8 samples may be luck
+        if block is not None and block.has_holdout:  # the best of 16 candidates on a few samples may be luck
             held_before, held_after = block(zero, held=True), block(n, held=True)
-            if not held_after < held_before:
+            if not held_after < held_before * (1 - self.min_gain):
                 note = (f"best candidate (block error -{100 * (1 - best_err / before):.2f}% on the search samples) "
-                        f"did not lower it on the held-out samples ({100 * (held_after / held_before - 1):+.2f}%)")
+                        f"did not lower it by min_gain on the held-out samples ({100 * (held_after / held_before - 1):+.2f}%)")
                 return NoisyLayer(site.tensor, layer_names, False, 0.0, 0.0, step, layer_before, layer_before, "none",
                                   note, objective, before, before), None
         if block is not None:
@@ -383,7 +395,7 @@ class _BlockScorer:
         deltas = [(f"__delta{k}", c) for k, c in enumerate(site.consumers) if c.node in inside]
         proto = _block_model(model, idx, site, nodes, boundary, outputs, deltas, {**block_refs[0], **feeds[0]})
         scorer = cls(site, _session(proto), outputs, feeds, refs, deltas)
-        scorer.n_search = n_search
+        scorer.n_search, scorer.objective = n_search, "block" if ends else "output"
         return scorer
 
     @property
