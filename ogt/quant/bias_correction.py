@@ -15,7 +15,9 @@ its output feeds one Add with a constant bias). Only the weights ``insert`` will
 looked at, with its bit width and per-channel setting. ``ogt quantize`` runs this before
 calibrating activations, so the ranges are those of the corrected model. Padding is ignored (means are taken over every
 position), which is exact for 1x1 convolutions and close for the others. Measured on MobileNetV2
-(ort target): logit SQNR 18.4 -> 19.4 dB.
+(ort target): logit SQNR 18.4 -> 19.4 dB. On MiniLM-L3 correcting the MatMuls moved the embedding
+cosine from 0.99796 to 0.99784 (the means include padded token positions), so ``ogt quantize``
+corrects Conv and Gemm by default.
 """
 
 from __future__ import annotations
@@ -84,11 +86,13 @@ class CorrectBias(Transform):
 
     ``means``: per-input-channel means of the weighted ops' data inputs (name -> 1-D array).
     ``insert``: the insert-qdq that will quantize the weights (its plan and bit width are used).
+    ``ops``: the layer types corrected (``ogt quantize`` leaves MatMul out by default).
     """
 
     name: ClassVar[str] = "correct-bias"
     means: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict)
     insert: InsertQDQ = dataclasses.field(default_factory=InsertQDQ)
+    ops: tuple[str, ...] = ("Conv", "Gemm", "MatMul")
 
     def apply(self, model: Model, ctx: TransformContext) -> TransformResult:
         idx = GraphIndex(model.graph)
@@ -99,7 +103,7 @@ class CorrectBias(Transform):
         for i, slot, axis in self.insert.plan(model).weights:
             node = idx.nodes[i]
             mean = self.means.get(node.input[0])
-            if mean is None:
+            if mean is None or node.op_type not in self.ops:
                 continue
             w = model.array(idx.constant_storage(node.input[slot])).astype(np.float32)
             wq, scale = quantize_weight(w, axis, self.insert.weight_bits, self.insert.profile)
