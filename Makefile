@@ -44,6 +44,7 @@ bench: test-deps
 	$(BIN)/python benchmarks/quantize_compare.py
 	$(BIN)/python benchmarks/sparsity_compare.py
 	$(BIN)/python benchmarks/outliers_compare.py
+	$(BIN)/python benchmarks/noisy_bias_compare.py
 
 clean:
 	rm -rf build .pytest_cache .hypothesis

@@ -93,7 +93,14 @@ from ..graph.model import Model
 from ..graph.patterns import layernorms
 from ..graph.query import GraphIndex, infer_types
 from ..testing.equivalence import Runner
-from ..transforms._base import Skip, Transform, TransformContext, TransformResult, counts_of, register
+from ..transforms._base import (
+    Skip,
+    Transform,
+    TransformContext,
+    TransformResult,
+    counts_of,
+    register,
+)
 from ._noise_sites import Linear, Site, dequantized, find_sites, rewrite
 from .refine import _block, _boundary
 
