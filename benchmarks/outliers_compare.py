@@ -210,6 +210,8 @@ def child_ort(model: Path, out: Path, calib: Path, method: str, w: int, smooth: 
         for options in ({}, {"auto_merge": True}, {"skip_symbolic_shape": True}):  # as quantize_compare.py
             try:
                 quant_pre_process(str(model), str(pre), **options)
+                if notes:
+                    notes.append(f"then {options} worked")
                 break
             except Exception as exc:  # noqa: BLE001 - the next option set is what a user tries
                 notes.append(f"quant_pre_process({options or 'defaults'}) failed: {str(exc)[:60]}")
