@@ -120,3 +120,15 @@ def test_quantize_runs_bias_correction_and_leaves_no_unused_bias(demo_path, targ
     off = ogt.load(demo_path)
     plain = quantize(off, iterable_source(batches), QuantizeOptions(target=target, progress=False, bias_correction=False))
     assert "correct-bias.corrected" not in plain.counts
+
+
+def test_matmul_biases_are_corrected_below_8_bit_weights_only():
+    assert "MatMul" not in QuantizeOptions().corrected_ops()
+    assert "MatMul" in QuantizeOptions(weight_bits=6).corrected_ops()
+    assert QuantizeOptions(bias_correction_ops=("Conv",), weight_bits=4).corrected_ops() == ("Conv",)
+    rng = np.random.default_rng(0)
+    batches = [{"x": rng.normal(0.5, 1, (2, 5, 4)).astype(np.float32)} for _ in range(2)]
+    for bits, expected in ((8, 0), (4, 1)):
+        model = _model("MatMul", 4, 3, rng, bias=True)
+        result = quantize(model, iterable_source(batches), QuantizeOptions(weight_bits=bits, progress=False))
+        assert result.counts.get("correct-bias.corrected", 0) == expected
