@@ -107,7 +107,8 @@ def calibrate(
         log.warning("no tensors to calibrate; the calibration table is empty")
         samples = sum(batch_len(b) for _, b in reader.batches(0, spill=False, stack=contextlib.ExitStack()))
         return _table(model, method, samples, scheme, template, observers)
-    sizes = _estimate_bytes(model, names, types, first, providers)
+    probe: dict = {}
+    sizes = _estimate_bytes(model, names, types, first, providers, probe)
     groups = plan_groups(names, sizes, memory_budget_bytes)
     if len(groups) > 1:
         log.info("calibrating %d tensors in %d passes (memory budget %d MiB per batch)",
@@ -119,7 +120,9 @@ def calibrate(
         for g, group in enumerate(groups):
             if len(groups) > 1:
                 bar.set_description(f"calibrating (pass {g + 1}/{len(groups)})")
-            session = _session(model, group, types, providers)
+            reuse = probe.get("session") if set(probe.get("names", ())) == set(group) else None
+            session = reuse or _session(model, group, types, providers)  # the size probe's session when it fits
+            probe.clear()
             batches = reader.batches(g, spill=len(groups) > 1, stack=stack)
             n = _run_pass(session, group, batches, observers, inputs, bar, taps or {})
             if samples is not None and n != samples:
@@ -227,7 +230,7 @@ def _dtype_bytes(elem_type: int) -> int:
         return 4
 
 
-def _estimate_bytes(model, names, types, first: Batch, providers) -> dict[str, int]:
+def _estimate_bytes(model, names, types, first: Batch, providers, probe: dict | None = None) -> dict[str, int]:
     """Bytes each tensor takes for a batch like ``first``: from inferred shapes, else measured on one sample."""
     bind: dict[str, int] = {}
     for name, value in first.items():
@@ -248,20 +251,26 @@ def _estimate_bytes(model, names, types, first: Batch, providers) -> dict[str, i
             sizes[name] = math.prod(dims) * _dtype_bytes(info.elem_type)
     if unknown:
         log.debug("measuring %d tensors whose size shape inference cannot tell", len(unknown))
-        sizes.update(_measure(model, unknown, types, first, providers))
+        # measure everything in the probe: the same session can then serve a single-group pass
+        sizes.update(_measure(model, list(names), types, first, providers, probe))
     return sizes
 
 
-def _measure(model, names: list[str], types, first: Batch, providers, chunk: int = 16) -> dict[str, int]:
+def _measure(model, names: list[str], types, first: Batch, providers, probe: dict | None = None,
+             chunk: int = 16) -> dict[str, int]:
     """Bytes per batch of ``names``: run one sample (inputs with a dynamic first dim sliced) and scale;
-    if the model refuses one sample, run the first batch exposing ``chunk`` tensors at a time."""
+    if the model refuses one sample, run the first batch exposing ``chunk`` tensors at a time.
+    The one-sample session is left in ``probe`` (with the names it exposes) for calibrate to reuse."""
     declared = {vi.name: vi.type.tensor_type.shape.dim for vi in model.graph.input}
     dynamic = {k for k, dims in declared.items() if dims and not dims[0].HasField("dim_value")}
     n = batch_len(first)
     one = {k: (np.asarray(v)[:1] if k in dynamic and np.ndim(v) else v) for k, v in first.items()}
     if n == 1 or any(k in dynamic for k in first):  # one sample at hand: one session measures everything
         try:
-            values = _session(model, names, types, providers).run(names, one)
+            session = _session(model, names, types, providers)
+            values = session.run(names, one)
+            if probe is not None:
+                probe.update(session=session, names=list(names))
             return {name: int(getattr(v, "nbytes", 0)) * n for name, v in zip(names, values)}
         except Exception as exc:  # noqa: BLE001 - e.g. a Reshape to a fixed size: measure on the whole batch
             log.debug("one-sample size probe failed (%s); measuring on the first batch", exc)

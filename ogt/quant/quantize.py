@@ -196,7 +196,10 @@ def quantize(model: Model, source: CalibrationSource, options: QuantizeOptions =
         taps=taps,
     )
     reference = model.copy()
-    placement = choose_placement(reference, table, source, options)
+    idx = GraphIndex(model.graph)
+    # one float session for placement and the report: graph outputs plus every layer output
+    run_ref = Runner(reference, [_after_bias_add(idx, idx.nodes[i]) for i, _, _ in plan.weights])
+    placement = choose_placement(reference, table, source, options, run_ref)
     kept = tuple(placement["kept_float"])
     extra: dict = {}
     if token_clip:
@@ -213,7 +216,7 @@ def quantize(model: Model, source: CalibrationSource, options: QuantizeOptions =
     if options.noisy_bias:
         post.append(options.noisy_bias_options.transform(reference, source, options.target)(model))
         extra["noisy_bias"] = [row.as_dict() for row in post[-1].layers]
-    layers, outputs = measure_fidelity(reference, model, source, options.report_samples)
+    layers, outputs = measure_fidelity(reference, model, source, options.report_samples, run_ref)
     return QuantizeResult(model, table, [*steps, qdq, *post], layers, outputs, options, placement, refined, extra)
 
 
@@ -247,7 +250,8 @@ def correct_bias(model: Model, source: CalibrationSource, plan, planner: InsertQ
     return CorrectBias(means, planner, options.corrected_ops())(model)
 
 
-def choose_placement(reference: Model, table: CalibrationTable, source: CalibrationSource, options: QuantizeOptions) -> dict:
+def choose_placement(reference: Model, table: CalibrationTable, source: CalibrationSource, options: QuantizeOptions,
+                     run_ref: Runner | None = None) -> dict:
     """``auto``: start from the full placement; keep an op family's inputs float when that alone
     raises the output SQNR on calibration data by more than ``placement_gain_db``. With the ``ort``
     target, families that carry the output Q of a Conv/ConvTranspose/Gemm are never tried: that
@@ -267,8 +271,9 @@ def choose_placement(reference: Model, table: CalibrationTable, source: Calibrat
     if not families:
         return {"mode": "auto", "kept_float": [], "fusion_critical": sorted(needed), "trials": {}}
     batches = list(limit(source, options.placement_samples))
-    run_ref = Runner(reference)
-    expected = [run_ref(b) for b in batches]
+    run_ref = run_ref or Runner(reference)
+    outputs = {o.name for o in reference.graph.output}
+    expected = [{k: v for k, v in run_ref(b).items() if k in outputs} for b in batches]
     trial, flags = switchable_qdq(reference, options.insert_qdq(table), set(families))
     run_trial = Runner(trial)
 
@@ -376,7 +381,7 @@ def _after_bias_add(idx: GraphIndex, node) -> str:
 
 
 def measure_fidelity(
-    reference: Model, quantized: Model, source: CalibrationSource, max_samples: int
+    reference: Model, quantized: Model, source: CalibrationSource, max_samples: int, run_ref: Runner | None = None
 ) -> tuple[list[LayerError], list[OutputFidelity]]:
     """SQNR of each quantized layer's output and of each graph output, plus output cosine, on up to ``max_samples``."""
     layers = quantized_layers(quantized)
@@ -385,7 +390,9 @@ def measure_fidelity(
     signal: dict[str, float] = {}
     noise: dict[str, float] = {}
     cosines: dict[str, list[np.ndarray]] = {n: [] for n in graph_outputs}
-    run_ref, run_q = Runner(reference, names), Runner(quantized, names)
+    if run_ref is None or not set(names) <= set(run_ref.names):
+        run_ref = Runner(reference, names)
+    run_q = Runner(quantized, names)
     for batch in limit(source, max_samples):
         a, b = run_ref(batch), run_q(batch)
         for n in set(names) | set(graph_outputs):
