@@ -17,9 +17,8 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from ..errors import CalibrationError
 from ..graph.model import Model
-from .data import batch_len
+from .collect import observe_tensors
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -81,35 +80,14 @@ def collect_channel_absmax(
     model: Model, source: Iterable[Mapping[str, np.ndarray]], tensors: Sequence[str], *, keep_rows: int = 0, seed: int = 0
 ) -> dict[str, ChannelAbsMax]:
     """Per-channel (last axis) ``max |x|`` of each tensor in ``tensors`` over every batch of ``source``."""
-    from ..testing.equivalence import Runner
-
     names = list(dict.fromkeys(tensors))
     if not names:
         return {}
-    known = {i.name for i in model.graph.input} | {o for n in model.graph.node for o in n.output if o}
-    missing = [n for n in names if n not in known]
-    if missing:
-        raise CalibrationError(f"cannot observe {missing}: not activations of the top-level graph")
-    try:
-        runner = Runner(model, names)
-    except Exception as exc:  # noqa: BLE001 - onnxruntime raises several unrelated types
-        raise CalibrationError(f"onnxruntime cannot load the model exposing {len(names)} tensors: {exc}") from None
-    unseen = [n for n in names if n not in runner.names]
-    if unseen:
-        raise CalibrationError(f"cannot expose {unseen} as outputs: shape inference does not know their type")
-    feed_names = {i.name for i in runner.session.get_inputs()}
     observers = {n: ChannelAbsMaxObserver(keep_rows, seed + k) for k, n in enumerate(names)}
-    samples = 0
-    for k, batch in enumerate(source):
-        feeds = {name: np.asarray(value) for name, value in batch.items() if name in feed_names}
-        try:
-            values = runner(feeds)
-        except Exception as exc:  # noqa: BLE001
-            raise CalibrationError(f"onnxruntime failed on calibration batch {k}: {exc}") from None
+
+    def update(values: Mapping[str, np.ndarray]) -> None:
         for name, obs in observers.items():
             obs.update(values[name])
-        del values
-        samples += batch_len(batch)
-    if samples == 0:
-        raise CalibrationError("the calibration source is empty: it yielded no batches")
+
+    observe_tensors(model, source, names, update, what="observe", exposing=f"{len(names)} tensors")
     return {n: obs.stats() for n, obs in observers.items()}

@@ -16,9 +16,8 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 
-from ..errors import CalibrationError
 from ..graph.model import Model
-from .data import batch_len
+from .collect import observe_tensors
 from .table import graph_fingerprint
 
 
@@ -93,36 +92,16 @@ def collect_channel_norms(
     requests: ``{tensor name: channel axis}`` (or ``(name, axis)`` pairs: one tensor may be
     requested on two axes). Tensors must be graph inputs or node outputs of the top-level graph.
     """
-    from ..testing.equivalence import Runner
-
     pairs = list(requests.items()) if isinstance(requests, Mapping) else list(requests)
     names = list(dict.fromkeys(name for name, _ in pairs))
-    known = {i.name for i in model.graph.input} | {o for n in model.graph.node for o in n.output if o}
-    missing = [n for n in names if n not in known]
-    if missing:
-        raise CalibrationError(f"cannot collect channel norms of {missing}: not activations of the top-level graph")
     observers = {pair: ChannelNormObserver(pair[1]) for pair in dict.fromkeys(pairs)}
-    samples = 0
     if not observers:
         return ChannelNorms({}, 0, graph_fingerprint(model))
-    try:
-        runner = Runner(model, names)
-    except Exception as exc:  # noqa: BLE001 - onnxruntime raises several unrelated types
-        raise CalibrationError(f"onnxruntime cannot load the model exposing the pruned layers' inputs: {exc}") from None
-    unseen = [n for n in names if n not in runner.names]
-    if unseen:
-        raise CalibrationError(f"cannot expose {unseen} as outputs: shape inference does not know their type")
-    feed_names = {i.name for i in runner.session.get_inputs()}
-    for k, batch in enumerate(source):
-        feeds = {name: value for name, value in batch.items() if name in feed_names}
-        try:
-            values = runner(feeds)
-        except Exception as exc:  # noqa: BLE001
-            raise CalibrationError(f"onnxruntime failed on calibration batch {k}: {exc}") from None
-        for (name, axis), obs in observers.items():
+
+    def update(values: Mapping[str, np.ndarray]) -> None:
+        for (name, _), obs in observers.items():
             obs.update(values[name])
-        del values
-        samples += batch_len(batch)
-    if samples == 0:
-        raise CalibrationError("the calibration source is empty: it yielded no batches")
+
+    samples = observe_tensors(model, source, names, update, what="collect channel norms of",
+                              exposing="the pruned layers' inputs")
     return ChannelNorms({pair: obs.stats() for pair, obs in observers.items()}, samples, graph_fingerprint(model))

@@ -135,6 +135,51 @@ def calibrate(
     return _table(model, method, samples or 0, scheme, template, observers)
 
 
+def observe_tensors(
+    model: Model,
+    source: Iterable[Mapping[str, np.ndarray]],
+    names: Sequence[str],
+    update: Callable[[Mapping[str, np.ndarray]], None],
+    *,
+    what: str,
+    exposing: str,
+) -> int:
+    """Run ``model`` over every batch of ``source`` exposing ``names`` (graph inputs or top-level node
+    outputs) in one session, hand each batch's values to ``update``; return the sample count.
+
+    For small per-channel statistics (SmoothQuant's absmax, Wanda's channel norms): one session,
+    no memory budget. ``what`` and ``exposing`` word the errors (``cannot <what> [...]``,
+    ``onnxruntime cannot load the model exposing <exposing>``).
+    """
+    from ..testing.equivalence import Runner
+
+    known = {i.name for i in model.graph.input} | {o for n in model.graph.node for o in n.output if o}
+    missing = [n for n in names if n not in known]
+    if missing:
+        raise CalibrationError(f"cannot {what} {missing}: not activations of the top-level graph")
+    try:
+        runner = Runner(model, list(names))
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises several unrelated types
+        raise CalibrationError(f"onnxruntime cannot load the model exposing {exposing}: {exc}") from None
+    unseen = [n for n in names if n not in runner.names]
+    if unseen:
+        raise CalibrationError(f"cannot expose {unseen} as outputs: shape inference does not know their type")
+    feed_names = {i.name for i in runner.session.get_inputs()}
+    samples = 0
+    for k, batch in enumerate(source):
+        feeds = {name: np.asarray(value) for name, value in batch.items() if name in feed_names}
+        try:
+            values = runner(feeds)
+        except Exception as exc:  # noqa: BLE001
+            raise CalibrationError(f"onnxruntime failed on calibration batch {k}: {exc}") from None
+        update(values)
+        del values
+        samples += batch_len(batch)
+    if samples == 0:
+        raise CalibrationError("the calibration source is empty: it yielded no batches")
+    return samples
+
+
 def activation_tensors(model: Model, types: Mapping[str, TensorInfo] | None = None) -> list[str]:
     """The default tensors to calibrate: float graph inputs and every float node output, in graph order.
 
