@@ -166,21 +166,9 @@ ORT_METHODS = {"minmax": "MinMax", "percentile": "Percentile", "entropy": "Entro
 ORT_PRE_PROCESS_ATTEMPTS: tuple[dict[str, bool], ...] = ({}, {"auto_merge": True}, {"skip_symbolic_shape": True})
 
 
-def child_quantize_ort(model: Path, out: Path, calib: Path, method: str, variant: str, batch: int,
-                       report: Path) -> None:
-    """quant_pre_process, then quantize_static (QDQ, per-channel int8 weights).
-
-    ``variant`` ``u8``: uint8 activations (asymmetric); ``s8``: int8 activations with
-    ``ActivationSymmetric=True``.
-    """
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-    from onnxruntime.quantization.shape_inference import quant_pre_process
+def npz_reader(calib: Path, batch: int):
+    """An onnxruntime CalibrationDataReader over a calibration .npz (what users of quantize_static write)."""
+    from onnxruntime.quantization import CalibrationDataReader
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
@@ -193,25 +181,44 @@ def child_quantize_ort(model: Path, out: Path, calib: Path, method: str, variant
         def __len__(self) -> int:
             return len(self.samples)
 
-    pre = out.with_name(out.stem + ".preprocessed.onnx")
-    t0 = time.perf_counter()
+    return Reader()
+
+
+def ort_pre_process(model: Path, pre: Path) -> list[dict]:
+    """quant_pre_process with defaults, then the option sets a user tries when it fails; returns the
+    attempts (``options``, ``error`` = "Type: message" or None, ``message`` = the bare message)."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
     attempts = []
     for options in ORT_PRE_PROCESS_ATTEMPTS:  # what a user does when the default fails
         try:
             quant_pre_process(str(model), str(pre), **options)
         except Exception as exc:  # noqa: BLE001 - recorded, then the next option set is tried
-            attempts.append({"options": options, "error": f"{type(exc).__name__}: {exc}"})
+            attempts.append({"options": options, "error": f"{type(exc).__name__}: {exc}", "message": str(exc)})
             continue
-        attempts.append({"options": options, "error": None})
-        break
-    else:
-        raise RuntimeError(f"quant_pre_process failed with every option set: {attempts}")
+        attempts.append({"options": options, "error": None, "message": None})
+        return attempts
+    raise RuntimeError(f"quant_pre_process failed with every option set: {attempts}")
+
+
+def child_quantize_ort(model: Path, out: Path, calib: Path, method: str, variant: str, batch: int,
+                       report: Path) -> None:
+    """quant_pre_process, then quantize_static (QDQ, per-channel int8 weights).
+
+    ``variant`` ``u8``: uint8 activations (asymmetric); ``s8``: int8 activations with
+    ``ActivationSymmetric=True``.
+    """
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    pre = out.with_name(out.stem + ".preprocessed.onnx")
+    t0 = time.perf_counter()
+    attempts = ort_pre_process(model, pre)
     t1 = time.perf_counter()
     extra = {"ActivationSymmetric": True, "WeightSymmetric": True} if variant == "s8" else {}
     quantize_static(
         str(pre),
         str(out),
-        Reader(),
+        npz_reader(calib, batch),
         quant_format=QuantFormat.QDQ,
         per_channel=True,
         activation_type=QuantType.QInt8 if variant == "s8" else QuantType.QUInt8,

@@ -72,6 +72,8 @@ from _quant_children import (
     child_prepare,
     child_reference,
     fidelity,
+    npz_reader,
+    ort_pre_process,
 )
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -184,21 +186,7 @@ def child_ogt(model: Path, out: Path, calib: Path, method: str, w: int, a: int, 
 
 def child_ort(model: Path, out: Path, calib: Path, method: str, w: int, smooth: bool, report: Path) -> None:
     def body() -> dict:
-        from onnxruntime.quantization import (
-            CalibrationDataReader,
-            CalibrationMethod,
-            QuantFormat,
-            QuantType,
-            quantize_static,
-        )
-        from onnxruntime.quantization.shape_inference import quant_pre_process
-
-        class Reader(CalibrationDataReader):
-            def __init__(self) -> None:
-                self.it = iter(NpzSamples(calib, BATCH))
-
-            def get_next(self):
-                return next(self.it, None)
+        from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
         pre = out.with_name(out.stem + ".preprocessed.onnx")
         # quant_pre_process leaves sym_shape_infer_temp.onnx and a 69 MB <uuid>.data in the working
@@ -206,20 +194,13 @@ def child_ort(model: Path, out: Path, calib: Path, method: str, w: int, smooth: 
         scratch = tempfile.TemporaryDirectory(dir=out.parent)
         os.chdir(scratch.name)
         t0 = time.perf_counter()
-        notes = []
-        for options in ({}, {"auto_merge": True}, {"skip_symbolic_shape": True}):  # as quantize_compare.py
-            try:
-                quant_pre_process(str(model), str(pre), **options)
-                if notes:
-                    notes.append(f"then {options} worked")
-                break
-            except Exception as exc:  # noqa: BLE001 - the next option set is what a user tries
-                notes.append(f"quant_pre_process({options or 'defaults'}) failed: {str(exc)[:60]}")
-        else:
-            raise RuntimeError(f"quant_pre_process failed with every option set: {notes}")
+        attempts = ort_pre_process(model, pre)  # as quantize_compare.py
+        notes = [f"quant_pre_process({a['options'] or 'defaults'}) failed: {a['message'][:60]}" for a in attempts[:-1]]
+        if notes:
+            notes.append(f"then {attempts[-1]['options']} worked")
         t1 = time.perf_counter()
         extra = {"SmoothQuant": True, "SmoothQuantAlpha": 0.5} if smooth else {}
-        quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+        quantize_static(str(pre), str(out), npz_reader(calib, BATCH), quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt4 if w == 4 else QuantType.QInt8,
                         calibrate_method=CalibrationMethod.MinMax if method == "minmax" else CalibrationMethod.Percentile,
                         extra_options=extra)
