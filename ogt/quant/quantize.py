@@ -31,7 +31,7 @@ from .insert_qdq import InsertQDQ, TensorOverride
 from .profiles import WEIGHTED_OPS, get_profile
 from .bias_correction import ChannelMean, CorrectBias, input_channel_axis
 from .noisy_bias import NoisyBiasOptions
-from .refine import RefineOptions, Refined, refine_blocks, refine_table
+from .refine import RefineOptions, Refined, output_error, reference_outputs, refine_blocks, refine_table
 from .token_clip import DEFAULT_ALPHAS, search_alpha, token_taps
 
 
@@ -204,7 +204,7 @@ def quantize(model: Model, source: CalibrationSource, options: QuantizeOptions =
     extra: dict = {}
     if token_clip:
         table, search = search_alpha(reference, table, taps, source, options.insert_qdq(table, kept),
-                                     options.token_clip_alphas, options.placement_samples)
+                                     options.token_clip_alphas, options.placement_samples, run_ref)
         extra["token_clip"] = {"alpha": search.alpha, "output_mse": {str(a): v for a, v in search.scores.items()}}
     refined: list[Refined] = []
     if token_clip:  # the fine stage: every quantizer, on its block's output, in order
@@ -271,9 +271,7 @@ def choose_placement(reference: Model, table: CalibrationTable, source: Calibrat
     if not families:
         return {"mode": "auto", "kept_float": [], "fusion_critical": sorted(needed), "trials": {}}
     batches = list(limit(source, options.placement_samples))
-    run_ref = run_ref or Runner(reference)
-    outputs = {o.name for o in reference.graph.output}
-    expected = [{k: v for k, v in run_ref(b).items() if k in outputs} for b in batches]
+    expected = reference_outputs(run_ref or Runner(reference), reference, batches)
     trial, flags = switchable_qdq(reference, options.insert_qdq(table), set(families))
     run_trial = Runner(trial)
 
@@ -346,13 +344,7 @@ def _fusion_critical(idx: GraphIndex, plan, profile) -> set[str]:
 
 
 def _output_sqnr(run: Runner, batches: list, expected: list) -> float:
-    signal, noise = 0.0, 0.0
-    for batch, ref in zip(batches, expected):
-        got = run(batch)
-        for name, a in ref.items():
-            if a.dtype.kind == "f":
-                signal += float((a.astype(np.float64) ** 2).sum())
-                noise += float(((a.astype(np.float64) - got[name]) ** 2).sum())
+    signal, noise, _ = output_error(run, batches, expected)
     return _sqnr(signal, noise)
 
 

@@ -374,6 +374,26 @@ def refine_blocks(
     return out, chosen
 
 
+def reference_outputs(run_ref: Runner, reference: Model, batches: Sequence) -> list[dict[str, np.ndarray]]:
+    """The float model's graph outputs on each batch (``run_ref`` may expose more: those are dropped)."""
+    outputs = {o.name for o in reference.graph.output}
+    return [{k: v for k, v in run_ref(b).items() if k in outputs} for b in batches]
+
+
+def output_error(run, batches: Sequence, expected: Sequence[Mapping[str, np.ndarray]]) -> tuple[float, float, int]:
+    """(signal energy, squared error, element count) of ``run``'s float outputs against ``expected``."""
+    signal, noise, count = 0.0, 0.0, 0
+    for batch, ref in zip(batches, expected):
+        got = run(batch)
+        for name, a in ref.items():
+            if a.dtype.kind == "f":
+                a = a.astype(np.float64)
+                signal += float((a**2).sum())
+                noise += float(((a - got[name]) ** 2).sum())
+                count += a.size
+    return signal, noise, count
+
+
 class TunableQDQ:
     """``reference`` with ``insert``'s Q/DQ, every activation quantizer's scale, zero point (and grid
     Clip bounds) turned into overridable graph inputs: one onnxruntime session evaluates any set
@@ -496,4 +516,4 @@ def _param_values(q: _Quantizer, params: dict, lo: float, hi: float, scheme: QSc
     return values
 
 
-__all__ = ["RefineOptions", "Refined", "TunableQDQ", "refine_blocks", "refine_table"]
+__all__ = ["RefineOptions", "Refined", "TunableQDQ", "output_error", "reference_outputs", "refine_blocks", "refine_table"]

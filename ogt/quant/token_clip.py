@@ -29,7 +29,7 @@ from ..calib.table import CalibrationTable, TensorRange
 from ..graph.model import Model
 from ..testing.equivalence import Runner
 from .insert_qdq import InsertQDQ
-from .refine import TunableQDQ
+from .refine import TunableQDQ, output_error, reference_outputs
 
 DEFAULT_ALPHAS = (1.0, 0.999, 0.995, 0.99, 0.98, 0.95, 0.9, 0.8)
 
@@ -92,23 +92,18 @@ def search_alpha(
     insert: InsertQDQ,
     alphas: Sequence[float] = DEFAULT_ALPHAS,
     samples: int = 8,
+    run_ref: Runner | None = None,
 ) -> tuple[CalibrationTable, AlphaSearch]:
-    """The coarse stage: the one ``alpha`` whose quantized model's outputs are closest to float."""
+    """The coarse stage: the one ``alpha`` whose quantized model's outputs are closest to float.
+    ``run_ref``: a session over ``reference`` to reuse (any extra outputs it exposes are ignored)."""
     batches = list(limit(source, samples))
-    run_ref = Runner(reference)
-    expected = [run_ref(b) for b in batches]
+    expected = reference_outputs(run_ref or Runner(reference), reference, batches)
     work = TunableQDQ(reference, table, insert)  # one session scores every alpha
     run = Runner(work.model)
     scores: dict[float, float] = {}
     for alpha in alphas:
         feeds = work.values(table_at(table, taps, alpha).ranges)
-        err, count = 0.0, 0
-        for b, ref in zip(batches, expected):
-            got = run({**b, **feeds})
-            for name, a in ref.items():
-                if a.dtype.kind == "f":
-                    err += float(((a.astype(np.float64) - got[name]) ** 2).sum())
-                    count += a.size
+        _, err, count = output_error(lambda b: run({**b, **feeds}), batches, expected)
         scores[float(alpha)] = err / max(count, 1)
     best = min(scores, key=lambda a: (scores[a], -a))  # ties: the wider range
     return table_at(table, taps, best), AlphaSearch(best, scores)
