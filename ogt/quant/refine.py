@@ -331,8 +331,7 @@ def refine_blocks(
         return table, []
     graph_outputs = {o.name for o in qmodel.graph.output}
     blocks = {q.tensor: _block(qidx, q.tensor, ln_outputs, graph_outputs) for q in quantizers}
-    boundary = {t: _boundary(qidx, nodes, q_params) for q in quantizers
-                for t, (nodes, _, q_params) in [(q.tensor, (blocks[q.tensor][0], None, set(q.params)))]}
+    boundary = {q.tensor: _boundary(qidx, blocks[q.tensor][0], set(q.params)) for q in quantizers}
     batches = list(_rebatch(limit(source, options.samples), options.samples))  # one run per candidate
     run_ref = Runner(reference, sorted({o for _, outs in blocks.values() for o in outs}))
     ref_out = [run_ref(b) for b in batches]
