@@ -26,7 +26,7 @@ from ..graph.model import Model
 from ..graph.names import NameAllocator
 from ..graph.query import GraphIndex
 from ..testing.equivalence import Runner
-from ..transforms import Cleanup, FoldBatchNorm, MigrateGamma, Pipeline, Skip, SmoothQuant, TransformContext, TransformResult
+from ..transforms import Cleanup, FoldBatchNorm, FoldShapes, MigrateGamma, Pipeline, Skip, SmoothQuant, TransformContext, TransformResult
 from .insert_qdq import InsertQDQ, TensorOverride
 from .profiles import WEIGHTED_OPS, get_profile
 from .bias_correction import ChannelMean, CorrectBias, input_channel_axis
@@ -170,7 +170,7 @@ class QuantizeResult:
 def quantize(model: Model, source: CalibrationSource, options: QuantizeOptions = QuantizeOptions()) -> QuantizeResult:
     """Quantize ``model`` in place; see the module docstring."""
     check_source(model, source)
-    prep = [FoldBatchNorm(), Cleanup()]
+    prep = [FoldBatchNorm(), FoldShapes(), Cleanup()]
     if options.migrate_gamma:
         prep.append(MigrateGamma())
     if options.smoothquant is not None:

@@ -4,6 +4,7 @@ from ._base import Pipeline, Skip, Transform, TransformContext, TransformResult,
 from .cleanup import Cleanup
 from .fold_batchnorm import FoldBatchNorm
 from .fold_constants import FoldConstants
+from .fold_shapes import FoldShapes
 from .pack_nm import PackNM
 from .prune_nm import PruneNM
 from .migrate_gamma import MigrateGamma
@@ -13,6 +14,7 @@ __all__ = [
     "Cleanup",
     "FoldBatchNorm",
     "FoldConstants",
+    "FoldShapes",
     "PackNM",
     "MigrateGamma",
     "SmoothQuant",
