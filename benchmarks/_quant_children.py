@@ -261,10 +261,20 @@ def child_quantize_onnxsim(model: Path, out: Path, calib: Path, method: str, bat
 # --------------------------------------------------------------------------- evaluation
 
 
-def _session(path: Path):  # -> onnxruntime.InferenceSession, default options (what users deploy)
+def _session(path: Path):  # -> onnxruntime.InferenceSession
+    """Default options (what users deploy) except that idle intra-op threads do not spin.
+
+    Latency is timed with several sessions alternating in one process. With spinning on, the
+    worker threads of the session that just ran keep spinning on this 2-core machine while the
+    next one runs, and whichever model follows which decides the numbers (MiniLM W8A8 at batch
+    8: 13 ms alone in its process, 23-38 ms when alternated with other spinning sessions). With
+    spinning off, alternated timing agrees in ranking and ratio with one-session-per-process runs.
+    """
     import onnxruntime as ort
 
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def child_reference(subject: Subject, model: Path, eval_npz: Path, ref_npz: Path) -> None:
@@ -433,3 +443,12 @@ def child_evaluate(subject: Subject, model: Path, eval_npz: Path, ref_npz: Path,
         result["latency_vs_float"] = {b: v["model"]["median"] / v["float"]["median"]
                                       for b, v in result["latency"].items()}
     out_json.write_text(json.dumps(result))
+
+
+def child_latency(models: dict[str, Path], eval_npz: Path, out_json: Path, runs: int, warmup: int,
+                  min_seconds: float = LATENCY_MIN_SECONDS) -> None:
+    """Several models timed against each other in one process (see :func:`latency_ms`)."""
+    inputs = dict(np.load(eval_npz))
+    sessions = {name: _session(path) for name, path in models.items()}
+    out_json.write_text(json.dumps({str(b): latency_ms(sessions, inputs, b, runs, warmup, min_seconds)
+                                    for b in LATENCY_BATCHES}))

@@ -228,9 +228,61 @@ def bench_one(c: Contender, subject: Subject, model: Path, sdir: Path, n: int, a
         r.status, r.error_tail = "output fails to run", err
     if lint_ok:
         r.lint = lint(out, args.lint_command, args.bin_dir, out_dir)
-    if not args.keep_outputs:
+    if not args.keep_outputs and not in_duel(c):
         out.unlink(missing_ok=True)
     return r
+
+
+def in_duel(c: Contender) -> bool:
+    """Outputs timed head to head after a subject's contenders: ogt's --target ort, onnxruntime's u8."""
+    return (c.family == "ogt" and c.name.endswith("-ort")) or (c.family == "ort" and c.name.endswith("-u8"))
+
+
+def latency_duel(subject: Subject, model: Path, sdir: Path, n: int, results: list[Result],
+                 args: argparse.Namespace) -> dict | None:
+    """Time float, every ogt ort-target output and every onnxruntime u8 output in ONE process.
+
+    The per-contender latency columns are each timed against float in their own process, minutes
+    apart; on this shared machine that spread (about +-30 %) is larger than the differences the
+    '>= 0.9x as fast as onnxruntime's u8' bar is about. Here they alternate in blocks.
+    """
+    models = {"float": model}
+    for r in results:
+        path = sdir / f"c{n}" / r.name / f"{r.name}.onnx"
+        if r.calib_samples == n and r.status == "ok" and path.exists():
+            models[r.name] = path
+    if not any(name.startswith("ogt-") for name in models) or not any(name.startswith("ort-") for name in models):
+        return None
+    out = sdir / f"c{n}" / "latency_duel.json"
+    cmd = ["latency", *[f"{k}={v}" for k, v in models.items()], "--eval-npz", sdir / "eval.npz", "--out-json", out,
+           "--runs", args.latency_runs, "--warmup", args.latency_warmup, "--seconds", 2 * args.latency_seconds]
+    m = run_child(cmd, sdir / f"c{n}", sdir / f"c{n}" / "latency_duel.log")
+    if not args.keep_outputs:
+        for name, path in models.items():
+            if name != "float":
+                path.unlink(missing_ok=True)
+    if m.returncode != 0 or not out.exists():
+        print(f"[{subject.name} c{n}] latency duel failed:\n{tail(sdir / f'c{n}' / 'latency_duel.log')}", flush=True)
+        return None
+    return json.loads(out.read_text())
+
+
+def duel_table(duel: dict) -> str:
+    """ms per model and batch; x float; ogt rows also x the fastest onnxruntime u8 (time ratio, < 1 = faster)."""
+    batches = sorted(duel, key=int)
+    names = list(duel[batches[0]])
+    head = ["model"] + [f"b{b} ms (x float)" for b in batches] + [f"b{b} time / fastest ort u8" for b in batches]
+    rows = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    for name in names:
+        cells, vs_ort = [], []
+        for b in batches:
+            med = duel[b][name]["median"]
+            cells.append(f"{med:.3g} ({med / duel[b]['float']['median']:.2f})")
+            ort_best = min((v["median"] for k, v in duel[b].items() if k.startswith("ort-")), default=None)
+            vs_ort.append(f"{med / ort_best:.2f}" if ort_best and not name.startswith("ort-") and name != "float"
+                          else "-")
+        rows.append("| " + " | ".join([name, *cells, *vs_ort]) + " |")
+    return "\n".join(rows)
 
 
 # --------------------------------------------------------------------------- tables
@@ -349,6 +401,13 @@ def child_main(argv: Sequence[str]) -> int:
     ev.add_argument("--warmup", type=int, default=5)
     ev.add_argument("--float-model", type=Path)
     ev.add_argument("--seconds", type=float, default=1.0)
+    lat = sub.add_parser("latency")
+    lat.add_argument("models", nargs="+", help="name=path.onnx")
+    lat.add_argument("--eval-npz", type=Path, required=True)
+    lat.add_argument("--out-json", type=Path, required=True)
+    lat.add_argument("--runs", type=int, default=30)
+    lat.add_argument("--warmup", type=int, default=5)
+    lat.add_argument("--seconds", type=float, default=2.0)
     for name in ("quantize-ort", "quantize-onnxsim"):
         q = sub.add_parser(name)
         for arg in ("model", "out", "calib"):
@@ -368,6 +427,10 @@ def child_main(argv: Sequence[str]) -> int:
     elif a.cmd == "evaluate":
         kids.child_evaluate(SUBJECTS[a.subject], a.model, a.eval_npz, a.ref_npz, a.labels, a.out_json, a.runs,
                             a.warmup, a.float_model, a.seconds)
+    elif a.cmd == "latency":
+        models = dict(m.split("=", 1) for m in a.models)
+        kids.child_latency({k: Path(v) for k, v in models.items()}, a.eval_npz, a.out_json, a.runs, a.warmup,
+                           a.seconds)
     elif a.cmd == "quantize-ort":
         kids.child_quantize_ort(a.model, a.out, a.calib, a.method, a.variant, a.batch, a.report)
     else:
@@ -445,6 +508,10 @@ def run_subject(subject: Subject, args: argparse.Namespace, selected: list[Conte
                   f"{json.dumps((r.evaluation or {}).get('fidelity'))}", flush=True)
             report["results"] = [asdict(x) for x in report["_all"] + results]
             save()
+        duel = latency_duel(subject, model, sdir, n, results, args)
+        if duel is not None:
+            report["subjects"][subject.name].setdefault("latency_duel", {})[str(n)] = duel
+            save()
     return results
 
 
@@ -493,6 +560,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         save()
         labels = report["subjects"][name]["prepare"]["labels"]
         text = f"## {name}\n\n{table(subject, results, labels)}"
+        for n, duel in report["subjects"][name].get("latency_duel", {}).items():
+            text += (f"\n\nLatency head to head (c{n}: float, ogt --target ort and onnxruntime u8 outputs "
+                     f"alternated in one process):\n\n{duel_table(duel)}")
         scaling = scaling_table(results)
         if scaling:
             text += f"\n\nPeak RSS against calibration-set size:\n\n{scaling}"
@@ -510,7 +580,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"machine: {json.dumps(report['machine'])}")
     print("\n\n".join(tables))
     print("\nquant s / peak RSS: the contender's own process (wall time, GNU time %M); latency: onnxruntime CPU, "
-          "default session options, median, timed interleaved with the float model in one process "
+          "default session options but idle threads not spinning (so sessions alternated in one process do not steal "
+          "each other's cores), median, timed interleaved with the float model in one process "
           "(x float = ratio of the two medians); float weights: float tensors >= 1024 elements left in the file "
           "(unused: consumed by no node); Q/DQ: QuantizeLinear/DequantizeLinear nodes; lint: ogt lint --target "
           "tensorrt violations.")
