@@ -61,7 +61,8 @@ def _calibration_options(f):
         click.option("--input-shape", multiple=True, help="Shape of a dynamic input for --synthetic: name:1x3x224x224."),
         click.option("--int-range", multiple=True, help="Range of an integer input for --synthetic: name:LO,HI."),
         click.option("--calib-samples", type=click.IntRange(min=1), help="Use at most N calibration samples."),
-        click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True),
+        click.option("--batch-size", type=click.IntRange(min=1), default=None,
+                     help="Samples per onnxruntime run (default: 8 when every input's first dimension is dynamic, else 1)."),
     ]):
         f = decorator(f)
     return f
@@ -71,6 +72,7 @@ def calibration_source(model, calib_data, synthetic, input_shape, int_range, cal
     """The CalibrationSource the shared options describe, for ``model``."""
     from ..calib import data as cdata
 
+    batch_size = batch_size or cdata.default_batch_size(model)
     if synthetic is not None:
         source = cdata.synthetic_source(model, synthetic, input_shapes=cdata.parse_input_shapes(input_shape),
                                         int_ranges=_parse_int_ranges(int_range), batch_size=batch_size)

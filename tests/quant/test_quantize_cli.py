@@ -59,6 +59,20 @@ def test_quantize_writes_a_faithful_qdq_model(demo, calib, tmp_path, target, met
     assert (lint_tensorrt(q) == []) == (target == "tensorrt")
 
 
+def test_default_batching_computes_the_same_table_as_one_sample_per_run(demo, calib, tmp_path):
+    tables = {}
+    for label, extra in (("auto", []), ("one", ["--batch-size", "1"])):
+        table = tmp_path / f"{label}.json"
+        res = invoke("quantize", demo, "-o", tmp_path / f"{label}.onnx", "--calib-data", calib, "--method", "percentile",
+                     "--save-table", table, "--quiet", *extra)
+        assert res.exit_code == 0, res.output + res.stderr
+        tables[label] = CalibrationTable.load(table)
+    auto, one = tables["auto"], tables["one"]
+    assert sorted(auto.ranges) == sorted(one.ranges) and auto.samples == one.samples == 16
+    for name in one.ranges:
+        np.testing.assert_allclose(auto.range(name), one.range(name), rtol=1e-6, atol=1e-7)
+
+
 def test_default_output_is_beside_the_input_and_summary_is_printed(demo):
     res = invoke("quantize", demo, "--synthetic", "8", "--input-shape", "image:1x3x32x32")
     assert res.exit_code == 0, res.output + res.stderr
