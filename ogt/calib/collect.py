@@ -47,6 +47,7 @@ from .data import batch_len
 from ..errors import CalibrationError
 from ..graph.model import Model, subgraphs
 from ..graph.query import TensorInfo, infer_types, node_reads
+from ..runtime import session_from_proto
 from .observers import Observer, make_observer
 from .qparams import QScheme
 from .table import CalibrationTable, TensorRange, graph_fingerprint
@@ -387,7 +388,7 @@ def _session(model: Model, outputs: Sequence[str], types, providers) -> ort.Infe
         if model.uses_external_data() and model.base_dir is not None:
             # read external data in place, relative to the model's own folder
             opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(model.base_dir))
-        return ort.InferenceSession(proto.SerializeToString(), opts, providers=list(providers))
+        return session_from_proto(proto, opts, providers)
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises several unrelated types
         if model.uses_external_data():
             return _session_from_folder(model, proto, providers)

@@ -21,6 +21,7 @@ from ..graph.io import load, save
 from ..graph.model import Model
 from ..graph.query import GraphIndex, describe, infer_types
 from ..graph.validate import topological_order
+from ..runtime import session_from_proto
 from .tolerances import Tolerance, compare
 
 ModelLike = Model | onnx.ModelProto | str | os.PathLike
@@ -99,7 +100,7 @@ def _session(m: Model, tmp: Path | None, extra_outputs: list[str] | None) -> ort
             copy.CopyFrom(proto)
             save(Model(copy, m.base_dir, None), path, external_data=True)
             return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        return ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        return session_from_proto(proto, opts)
     finally:
         for _ in range(added):
             proto.graph.output.pop()
