@@ -46,6 +46,7 @@ def session_from_proto(proto: onnx.ModelProto, options: ort.SessionOptions,
             entry.key, entry.value = "location", "ogt-in-memory"
         if names:
             options.add_external_initializers(names, values)
+        options.enable_cpu_mem_arena = False
         session = ort.InferenceSession(proto.SerializeToString(), options, providers=list(providers))
     finally:
         for t, raw in lifted:

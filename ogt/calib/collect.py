@@ -73,6 +73,7 @@ def calibrate(
     progress: bool = True,
     providers: Sequence = ("CPUExecutionProvider",),
     taps: Mapping[str, Callable[[np.ndarray], None]] | None = None,
+    probe: dict | None = None,
 ) -> CalibrationTable:
     """Per-tensor activation ranges of ``model`` over the batches of ``source``.
 
@@ -87,6 +88,7 @@ def calibrate(
     progress: show a progress bar (on a terminal) over the samples.
     taps: extra per-tensor consumers called with every batch's value of a calibrated tensor
         (streaming statistics beside the ranges, e.g. the channel means bias correction needs).
+    probe: the size probe :func:`choose_batch` left (its one-sample session is reused).
     """
     if scheme.axis is not None:
         raise ValueError("calibrate computes per-tensor activation ranges; use a scheme with axis=None")
@@ -108,8 +110,11 @@ def calibrate(
         log.warning("no tensors to calibrate; the calibration table is empty")
         samples = sum(batch_len(b) for _, b in reader.batches(0, spill=False, stack=contextlib.ExitStack()))
         return _table(model, method, samples, scheme, template, observers)
-    probe: dict = {}
-    sizes = _estimate_bytes(model, names, types, first, providers, probe)
+    if probe is not None and set(probe.get("per_sample", ())) == set(names):  # choose_batch measured these
+        sizes = {n: b * batch_len(first) for n, b in probe["per_sample"].items()}
+    else:
+        probe = {}
+        sizes = _estimate_bytes(model, names, types, first, providers, probe)
     groups = plan_groups(names, sizes, memory_budget_bytes)
     if len(groups) > 1:
         log.info("calibrating %d tensors in %d passes (memory budget %d MiB per batch)",
@@ -276,8 +281,22 @@ def _dtype_bytes(elem_type: int) -> int:
         return 4
 
 
-def _estimate_bytes(model, names, types, first: Batch, providers, probe: dict | None = None) -> dict[str, int]:
-    """Bytes each tensor takes for a batch like ``first``: from inferred shapes, else measured on one sample."""
+def choose_batch(model: Model, first: Mapping[str, np.ndarray], tensors: Sequence[str], *, most: int = 8,
+                 budget_bytes: int = 64 << 20, providers: Sequence = ("CPUExecutionProvider",)) -> tuple[int, dict]:
+    """Samples per run (1..``most``) so that ``tensors`` of one run take at most ``budget_bytes``.
+
+    ``first`` holds one sample. Sizes come from shape inference, and where it cannot tell, from
+    running that sample exposing the tensors; that session is returned in the probe dict for
+    :func:`calibrate` (``probe=``) to reuse, so the measurement costs no extra session.
+    """
+    types = infer_types(model)
+    names = _exposable(model, list(dict.fromkeys(tensors)))
+    probe: dict = {}
+    probe["per_sample"] = sizes = _estimate_bytes(model, names, types, dict(first), providers, probe)
+    return int(max(1, min(most, budget_bytes // max(sum(sizes.values()), 1)))), probe
+
+
+def _inferred_bytes(names, types, first: Batch) -> tuple[dict[str, int], list[str]]:
     bind: dict[str, int] = {}
     for name, value in first.items():
         info = types.get(name)
@@ -295,6 +314,12 @@ def _estimate_bytes(model, names, types, first: Batch, providers, probe: dict | 
             unknown.append(name)
         else:
             sizes[name] = math.prod(dims) * _dtype_bytes(info.elem_type)
+    return sizes, unknown
+
+
+def _estimate_bytes(model, names, types, first: Batch, providers, probe: dict | None = None) -> dict[str, int]:
+    """Bytes each tensor takes for a batch like ``first``: from inferred shapes, else measured on one sample."""
+    sizes, unknown = _inferred_bytes(names, types, first)
     if unknown:
         log.debug("measuring %d tensors whose size shape inference cannot tell", len(unknown))
         # measure everything in the probe: the same session can then serve a single-group pass

@@ -62,7 +62,8 @@ def _calibration_options(f):
         click.option("--int-range", multiple=True, help="Range of an integer input for --synthetic: name:LO,HI."),
         click.option("--calib-samples", type=click.IntRange(min=1), help="Use at most N calibration samples."),
         click.option("--batch-size", type=click.IntRange(min=1), default=None,
-                     help="Samples per onnxruntime run (default: 8 when every input's first dimension is dynamic, else 1)."),
+                     help="Samples per onnxruntime run (default: 1 read at a time; quantize batches them by "
+                          "itself within a memory budget when the model takes any batch size)."),
     ]):
         f = decorator(f)
     return f
@@ -72,7 +73,7 @@ def calibration_source(model, calib_data, synthetic, input_shape, int_range, cal
     """The CalibrationSource the shared options describe, for ``model``."""
     from ..calib import data as cdata
 
-    batch_size = batch_size or cdata.default_batch_size(model)
+    batch_size = batch_size or 1
     if synthetic is not None:
         source = cdata.synthetic_source(model, synthetic, input_shapes=cdata.parse_input_shapes(input_shape),
                                         int_ranges=_parse_int_ranges(int_range), batch_size=batch_size)
@@ -260,6 +261,7 @@ def quantize(model, output, calib_data, synthetic, input_shape, int_range, calib
         bias_correction=bias_correction, refine=refine, migrate_gamma=migrate_gamma,
         smoothquant=_smoothquant_alpha(smoothquant), int4=int4, noisy_bias=noisy_bias,
         noisy_bias_options=NoisyBiasOptions(include=tuple(noisy_bias_include) or ("*",), exclude=tuple(noisy_bias_exclude)),
+        batch_size=batch_size,
     )
     if (noisy_bias_include or noisy_bias_exclude) and not noisy_bias:
         raise click.UsageError("--noisy-bias-include/--noisy-bias-exclude apply to --noisy-bias")

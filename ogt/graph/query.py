@@ -7,6 +7,7 @@ across a mutation. Nodes are identified by their position in ``graph.node``.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -166,11 +167,18 @@ class TensorInfo:
         return None if self.shape is None else len(self.shape)
 
 
-def infer_types(model: Model) -> dict[str, TensorInfo]:
+#: Initializers up to this size keep their values in infer_types' skeleton (Reshape targets,
+#: Slice bounds, axes), so that shape inference can compute the shapes that depend on them.
+SKELETON_VALUE_BYTES = 1024
+
+
+def infer_types(model: Model, input_shapes: Mapping[str, Sequence[int]] | None = None) -> dict[str, TensorInfo]:
     """Element types and shapes of every tensor onnx shape inference can reach.
 
-    Runs on a skeleton of the model whose initializers are declared as typed inputs without
-    data, so it costs no tensor memory even for multi-gigabyte models.
+    Runs on a skeleton of the model whose large initializers are declared as typed inputs without
+    data, so it costs no tensor memory even for multi-gigabyte models; small ones keep their
+    values. ``input_shapes`` fixes the shapes of graph inputs (e.g. to a batch's), which makes
+    the dimensions downstream concrete.
     """
     skeleton = onnx.ModelProto()
     skeleton.ir_version = model.proto.ir_version
@@ -179,12 +187,22 @@ def infer_types(model: Model) -> dict[str, TensorInfo]:
     g = skeleton.graph
     src = model.graph
     g.node.extend(src.node)
-    g.input.extend(src.input)
+    shapes = dict(input_shapes or {})
+    for vi in src.input:
+        if vi.name in shapes and vi.type.HasField("tensor_type"):
+            g.input.append(onnx.helper.make_tensor_value_info(vi.name, vi.type.tensor_type.elem_type, list(shapes[vi.name])))
+        else:
+            g.input.append(vi)
     g.output.extend(src.output)
     g.value_info.extend(src.value_info)
     declared = {i.name for i in src.input}
     for t in src.initializer:
-        if t.name not in declared:
+        if t.name in declared:
+            continue
+        small = int(np.prod(t.dims, dtype=np.int64)) <= SKELETON_VALUE_BYTES // 8  # from dims: ByteSize() is slow
+        if small and t.data_location != TensorProto.EXTERNAL:
+            g.initializer.append(t)
+        else:
             g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
     try:
         inferred = onnx.shape_inference.infer_shapes(skeleton, strict_mode=False)

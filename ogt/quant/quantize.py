@@ -17,7 +17,8 @@ import onnx
 from onnx import TensorProto
 
 from ..calib.collect import calibrate
-from ..calib.data import CalibrationSource, check_source, limit
+from ..calib.collect import choose_batch
+from ..calib.data import CalibrationSource, batch_len, check_source, limit, rebatched, takes_any_batch
 from ..calib.qparams import compute_qparams
 from ..calib.table import CalibrationTable
 from ..graph.build import make_node, rebuild_nodes
@@ -47,6 +48,10 @@ class QuantizeOptions:
     placement: str = "auto"  # "auto" | "full" | "weighted"
     observer_options: Mapping[str, object] = dataclasses.field(default_factory=dict)
     progress: bool = True
+    #: samples per onnxruntime run; None: batch a one-sample-per-batch source up to AUTO_BATCH
+    #: samples within AUTO_BATCH_BYTES of calibrated tensors (see auto_batch), when the model
+    #: takes any batch size. Batching changes no result, only speed and memory.
+    batch_size: int | None = None
     report_samples: int = 16
     placement_samples: int = 8
     placement_gain_db: float = 1.0
@@ -183,6 +188,8 @@ def quantize(model: Model, source: CalibrationSource, options: QuantizeOptions =
     scheme = planner.profile.act_scheme(options.act_bits)
     if options.bias_correction:
         steps.append(correct_bias(model, source, plan, planner, options))
+    # after bias correction: the size probe's session is reused by calibrate and must see the corrected model
+    source, probe = batched(model, source, plan.tensors_to_calibrate(), options.batch_size)
     token_clip = options.method == "token-clip"
     taps = token_taps(plan.tensors_to_calibrate()) if token_clip else {}
     table = calibrate(
@@ -194,6 +201,7 @@ def quantize(model: Model, source: CalibrationSource, options: QuantizeOptions =
         observer_options=dict(options.observer_options),
         progress=options.progress,
         taps=taps,
+        probe=probe,
     )
     reference = model.copy()
     idx = GraphIndex(model.graph)
@@ -218,6 +226,30 @@ def quantize(model: Model, source: CalibrationSource, options: QuantizeOptions =
         extra["noisy_bias"] = [row.as_dict() for row in post[-1].layers]
     layers, outputs = measure_fidelity(reference, model, source, options.report_samples, run_ref)
     return QuantizeResult(model, table, [*steps, qdq, *post], layers, outputs, options, placement, refined, extra)
+
+
+#: Automatic batching: at most this many samples per run, and at most this many bytes of
+#: calibrated tensors per run. Measured with ``ogt quantize --method percentile`` on this 2-core
+#: machine (time s / peak RSS MB at 1, 2, 4, 8 samples per run): MiniLM-L3 (13 MB of calibrated
+#: tensors per sample) 4.8/610, 3.8/610, 3.1/609, 2.9/635; MobileNetV2 (27 MB per sample)
+#: 4.2/339, 4.0/438, 4.6/719, 6.0/1190. Small transformer activations gain from batching,
+#: large CNN activations only cost memory.
+AUTO_BATCH = 8
+AUTO_BATCH_BYTES = 64 << 20
+
+
+def batched(model: Model, source: CalibrationSource, tensors: list[str],
+            batch_size: int | None) -> tuple[CalibrationSource, dict | None]:
+    """``source`` regrouped to ``batch_size`` samples per run, or when None to what
+    :func:`~ogt.calib.collect.choose_batch` picks (only for a source of single samples and a model
+    that takes any batch size). Also returns the size probe for calibrate to reuse."""
+    probe = None
+    if batch_size is None:
+        first = source.peek()
+        if first is None or batch_len(first) != 1 or not takes_any_batch(model):
+            return source, None  # the source chose its batches (or the model fixes them)
+        batch_size, probe = choose_batch(model, first, tensors, most=AUTO_BATCH, budget_bytes=AUTO_BATCH_BYTES)
+    return (rebatched(source, batch_size) if batch_size > 1 else source), probe
 
 
 def to_opset_21(model: Model) -> None:

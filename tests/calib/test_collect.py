@@ -207,3 +207,19 @@ def test_sizes_shape_inference_cannot_tell_are_measured():
     one = calibrate(model, data, method="entropy", tensors=["y", "r", "z"], progress=False)
     split = calibrate(model, data, method="entropy", tensors=["y", "r", "z"], progress=False, memory_budget_bytes=64)
     assert split == one and set(one.ranges) == {"y", "r", "z"}
+
+
+def test_choose_batch_keeps_a_run_within_the_budget_and_its_probe_is_reused(demo):
+    from ogt.calib.collect import choose_batch
+
+    names = activation_tensors(demo)
+    sample = {"image": np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)}
+    per_sample = sum(v.nbytes for v in run(demo, sample, names).values())
+    assert choose_batch(demo, sample, names, most=8, budget_bytes=1)[0] == 1  # never below one sample
+    assert choose_batch(demo, sample, names, most=8, budget_bytes=100 * per_sample)[0] == 8  # capped
+    k, probe = choose_batch(demo, sample, names, most=64, budget_bytes=3 * per_sample)
+    assert k == 3 and sum(probe["per_sample"].values()) == per_sample
+    batches = [{"image": np.random.default_rng(i).standard_normal((3, 3, 32, 32)).astype(np.float32)} for i in range(2)]
+    with_probe = calibrate(demo, batches, tensors=names, progress=False, probe=probe)
+    without = calibrate(demo, batches, tensors=names, progress=False)
+    assert with_probe.ranges == without.ranges

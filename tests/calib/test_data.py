@@ -76,13 +76,21 @@ def test_graph_inputs_skip_initializers(demo, tokens):
     assert [(s.name, s.dtype) for s in graph_inputs(tokens)] == [("ids", np.int64), ("mask", np.bool_)]
 
 
-def test_default_batch_size_batches_only_when_every_first_dim_is_dynamic(demo, tokens):
-    assert data.default_batch_size(demo) == data.AUTO_BATCH  # image: ["N", 3, 32, 32]
-    assert data.default_batch_size(tokens) == data.AUTO_BATCH
+def test_takes_any_batch_only_when_every_first_dim_is_dynamic(demo, tokens):
+    assert data.takes_any_batch(demo)  # image: ["N", 3, 32, 32]
+    assert data.takes_any_batch(tokens)
     static = ogt.Model(onnx.parser.parse_model(TOKENS.replace("int64[batch, seq] ids", "int64[1, seq] ids")))
-    assert data.default_batch_size(static) == 1  # a fixed batch of 1 takes one sample per run
+    assert not data.takes_any_batch(static)  # a fixed batch of 1 takes one sample per run
     no_shape = ogt.Model(onnx.parser.parse_model(TOKENS.replace("int64[batch, seq] ids", "int64 ids")))
-    assert data.default_batch_size(no_shape) == 1  # rank unknown: axis 0 may not be a batch
+    assert not data.takes_any_batch(no_shape)  # rank unknown: axis 0 may not be a batch
+
+
+def test_rebatched_regroups_the_same_samples(demo):
+    source = data.iterable_source([{"image": images(1, seed=i)} for i in range(7)])
+    out = data.rebatched(source, 3)
+    assert sizes(out) == [3, 3, 1]
+    np.testing.assert_array_equal(concat(out, "image"), concat(source, "image"))
+    assert out.num_samples == source.num_samples
 
 
 # -- .npz ----------------------------------------------------------------------------------------
