@@ -6,6 +6,9 @@ four sessions over it. :func:`session_from_proto` hands the large initializers t
 as OrtValues over their own bytes instead (``SessionOptions.add_external_initializers``, which
 copies them once while the session is created), so only the graph is serialized: 0.1 s for the
 same model, the same outputs bit for bit, and one copy of the weights per session instead of two.
+The sessions also run without onnxruntime's CPU memory arena: ogt holds several sessions at once
+(float reference, placement trial, quantized model), and each arena would keep its largest batch
+of intermediate tensors allocated after the run.
 """
 
 from __future__ import annotations
