@@ -296,7 +296,8 @@ def choose_batch(model: Model, first: Mapping[str, np.ndarray], tensors: Sequenc
     return int(max(1, min(most, budget_bytes // max(sum(sizes.values()), 1)))), probe
 
 
-def _inferred_bytes(names, types, first: Batch) -> tuple[dict[str, int], list[str]]:
+def _estimate_bytes(model, names, types, first: Batch, providers, probe: dict | None = None) -> dict[str, int]:
+    """Bytes each tensor takes for a batch like ``first``: from inferred shapes, else measured on one sample."""
     bind: dict[str, int] = {}
     for name, value in first.items():
         info = types.get(name)
@@ -314,12 +315,6 @@ def _inferred_bytes(names, types, first: Batch) -> tuple[dict[str, int], list[st
             unknown.append(name)
         else:
             sizes[name] = math.prod(dims) * _dtype_bytes(info.elem_type)
-    return sizes, unknown
-
-
-def _estimate_bytes(model, names, types, first: Batch, providers, probe: dict | None = None) -> dict[str, int]:
-    """Bytes each tensor takes for a batch like ``first``: from inferred shapes, else measured on one sample."""
-    sizes, unknown = _inferred_bytes(names, types, first)
     if unknown:
         log.debug("measuring %d tensors whose size shape inference cannot tell", len(unknown))
         # measure everything in the probe: the same session can then serve a single-group pass

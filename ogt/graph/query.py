@@ -7,7 +7,6 @@ across a mutation. Nodes are identified by their position in ``graph.node``.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -172,13 +171,11 @@ class TensorInfo:
 SKELETON_VALUE_BYTES = 1024
 
 
-def infer_types(model: Model, input_shapes: Mapping[str, Sequence[int]] | None = None) -> dict[str, TensorInfo]:
+def infer_types(model: Model) -> dict[str, TensorInfo]:
     """Element types and shapes of every tensor onnx shape inference can reach.
 
     Runs on a skeleton of the model whose large initializers are declared as typed inputs without
-    data, so it costs no tensor memory even for multi-gigabyte models; small ones keep their
-    values. ``input_shapes`` fixes the shapes of graph inputs (e.g. to a batch's), which makes
-    the dimensions downstream concrete.
+    data, so it costs no tensor memory even for multi-gigabyte models; small ones keep their values.
     """
     skeleton = onnx.ModelProto()
     skeleton.ir_version = model.proto.ir_version
@@ -187,12 +184,7 @@ def infer_types(model: Model, input_shapes: Mapping[str, Sequence[int]] | None =
     g = skeleton.graph
     src = model.graph
     g.node.extend(src.node)
-    shapes = dict(input_shapes or {})
-    for vi in src.input:
-        if vi.name in shapes and vi.type.HasField("tensor_type"):
-            g.input.append(onnx.helper.make_tensor_value_info(vi.name, vi.type.tensor_type.elem_type, list(shapes[vi.name])))
-        else:
-            g.input.append(vi)
+    g.input.extend(src.input)
     g.output.extend(src.output)
     g.value_info.extend(src.value_info)
     declared = {i.name for i in src.input}
