@@ -226,6 +226,9 @@ def _load_recipe(path: Path | None):
 @click.option("--weight-bits", type=click.IntRange(2, 8), default=8, show_default=True)
 @click.option("--act-bits", type=click.IntRange(2, 8), default=8, show_default=True)
 @click.option("--per-tensor", is_flag=True, help="Per-tensor weight scales instead of per channel.")
+@click.option("--weight-method", type=click.Choice(["minmax", "mse"]), default=None,
+              help="Each weight channel's range: its extremes, or the clipped range with the least squared error "
+              "[default: mse below 8-bit weights, else minmax].")
 @click.option("--int4", is_flag=True, help="Store tensors of <= 4 bits as INT4/UINT4 (opset 21; the model is converted).")
 @click.option(
     "--placement",
@@ -243,7 +246,7 @@ def _load_recipe(path: Path | None):
 @_output_options
 def quantize(model, output, calib_data, synthetic, input_shape, int_range, calib_samples, batch_size, method, percentile,
              coverage, bias_correction, migrate_gamma, smoothquant, refine, noisy_bias, noisy_bias_include, noisy_bias_exclude, target, int4, weight_bits, act_bits,
-             per_tensor, placement, exclude, recipe, report, save_table, quiet, overwrite, external_data, external_data_threshold, external_data_location):
+             per_tensor, weight_method, placement, exclude, recipe, report, save_table, quiet, overwrite, external_data, external_data_threshold, external_data_location):
     """Quantize MODEL to QDQ: fold-batchnorm, cleanup, calibrate, insert-qdq; report fidelity."""
     from ..quant.noisy_bias import NoisyBiasOptions
     from ..quant.quantize import QuantizeOptions, quantize as run_quantize
@@ -261,7 +264,7 @@ def quantize(model, output, calib_data, synthetic, input_shape, int_range, calib
         bias_correction=bias_correction, refine=refine, migrate_gamma=migrate_gamma,
         smoothquant=_smoothquant_alpha(smoothquant), int4=int4, noisy_bias=noisy_bias,
         noisy_bias_options=NoisyBiasOptions(include=tuple(noisy_bias_include) or ("*",), exclude=tuple(noisy_bias_exclude)),
-        batch_size=batch_size,
+        batch_size=batch_size, weight_method=weight_method,
     )
     if (noisy_bias_include or noisy_bias_exclude) and not noisy_bias:
         raise click.UsageError("--noisy-bias-include/--noisy-bias-exclude apply to --noisy-bias")

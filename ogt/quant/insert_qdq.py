@@ -76,9 +76,12 @@ class InsertQDQ(Transform):
     weighted_only: bool = False
     keep_float_ops: tuple[str, ...] = ()  # op types whose activation inputs stay float (weighted ops unaffected)
     int4: bool = False  # store tensors of <= 4 bits in the opset-21 INT4/UINT4 types (else in int8/uint8)
+    weight_method: str = "minmax"  # "minmax" | "mse": how each weight channel's range is chosen
 
     def __post_init__(self) -> None:
         get_profile(self.target)
+        if self.weight_method not in WEIGHT_METHODS:
+            raise ValueError(f"weight_method must be one of {', '.join(WEIGHT_METHODS)}, got {self.weight_method!r}")
         for bits in (self.weight_bits, self.act_bits):
             if not 2 <= bits <= 8:
                 raise ValueError(f"bit widths must be in 2..8, got {bits}")
@@ -214,16 +217,50 @@ class _Planner:
         return True
 
 
-def quantize_weight(w: np.ndarray, axis: int | None, bits: int, profile: TargetProfile) -> tuple[np.ndarray, np.ndarray]:
-    """(int8 values, float32 scales) of a weight: symmetric, narrow grid, per channel on ``axis``."""
+#: weight range methods: the channel's extremes, or the clipped range with the least squared error
+WEIGHT_METHODS = ("minmax", "mse")
+#: candidate clipping ratios of the ``mse`` weight method (fractions of the channel's absmax)
+MSE_WEIGHT_RATIOS = tuple(float(r) for r in np.linspace(0.5, 1.0, 26))
+
+
+def quantize_weight(w: np.ndarray, axis: int | None, bits: int, profile: TargetProfile,
+                    method: str = "minmax") -> tuple[np.ndarray, np.ndarray]:
+    """(int8 values, float32 scales) of a weight: symmetric, narrow grid, per channel on ``axis``.
+
+    ``method`` "minmax": the grid spans each channel's largest magnitude. "mse": each channel's
+    grid spans ``r`` times it, ``r`` from :data:`MSE_WEIGHT_RATIOS` minimising that channel's
+    squared rounding + clipping error (ratio 1 is a candidate, so never worse than minmax on the
+    weight itself). At 8 bits the two barely differ; at 6 and 4 bits a few large entries per
+    channel otherwise set a step most entries round badly on.
+    """
+    if method not in WEIGHT_METHODS:
+        raise ValueError(f"weight method must be one of {', '.join(WEIGHT_METHODS)}, got {method!r}")
     scheme = profile.weight_scheme(bits, axis)
     if axis is None:
         lo, hi = w.min(initial=0.0), w.max(initial=0.0)
     else:
         red = tuple(a for a in range(w.ndim) if a != axis)
         lo, hi = w.min(axis=red, initial=0.0), w.max(axis=red, initial=0.0)
+    if method == "mse":
+        lo, hi = _mse_range(w, axis, np.asarray(lo, np.float64), np.asarray(hi, np.float64), scheme)
     scale, zp = compute_qparams(lo, hi, scheme)
     return quantize(w, scale, zp, scheme).astype(np.int8), scale
+
+
+def _mse_range(w: np.ndarray, axis: int | None, lo: np.ndarray, hi: np.ndarray, scheme) -> tuple[np.ndarray, np.ndarray]:
+    """Per channel, ``r * (lo, hi)`` for the ratio ``r`` with the least squared quantization error."""
+    rows = (w.reshape(1, -1) if axis is None else np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)).astype(np.float64)
+    lo_c, hi_c = lo.reshape(-1), hi.reshape(-1)
+    best = np.full(len(rows), np.inf)
+    ratio = np.ones(len(rows))
+    for r in MSE_WEIGHT_RATIOS:
+        scale, zp = compute_qparams(lo_c * r, hi_c * r, scheme)
+        s, z = scale.astype(np.float64)[:, None], zp.astype(np.float64)[:, None]
+        err = ((np.clip(np.round(rows / s) + z, scheme.qmin, scheme.qmax) - z) * s - rows) ** 2
+        err = err.sum(axis=1)
+        better = err < best
+        best[better], ratio[better] = err[better], r
+    return (lo_c * ratio).reshape(lo.shape), (hi_c * ratio).reshape(hi.shape)
 
 
 def _storage(signed: bool, bits: int, int4: bool):
@@ -307,7 +344,7 @@ class _Rewriter:
         node = self.idx.nodes[i]
         name = node.input[slot]
         w = self.model.array(self.idx.constant_storage(name)).astype(np.float32)
-        wq, scale = quantize_weight(w, axis, self.t.weight_bits, self.profile)
+        wq, scale = quantize_weight(w, axis, self.t.weight_bits, self.profile, self.t.weight_method)
         storage = _storage(True, self.t.weight_bits, self.t.int4)
         q = add_initializer(self.g, self.names, f"{name}_quantized", wq.astype(storage))
         s = add_initializer(self.g, self.names, f"{name}_scale", scale.astype(np.float32))
@@ -336,4 +373,4 @@ class _Rewriter:
         self.counts["bias"] += 1
 
 
-__all__ = ["InsertQDQ", "QdqPlan", "TensorOverride", "quantize_weight"]
+__all__ = ["InsertQDQ", "QdqPlan", "TensorOverride", "WEIGHT_METHODS", "quantize_weight"]

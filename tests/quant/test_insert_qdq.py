@@ -15,7 +15,8 @@ from ogt.calib.table import CalibrationTable, TensorRange, graph_fingerprint
 from ogt.errors import CalibrationError
 from ogt.export.tensorrt_lint import lint_tensorrt
 from ogt.graph.query import GraphIndex
-from ogt.quant.insert_qdq import InsertQDQ, TensorOverride
+from ogt.quant.insert_qdq import InsertQDQ, TensorOverride, quantize_weight
+from ogt.quant.profiles import get_profile
 from ogt.quant.profiles import WEIGHTED_OPS
 from ogt.testing import random_feeds, run
 from ogt.testing.strategies import bn_graphs
@@ -102,6 +103,47 @@ def test_weights_are_per_channel_within_half_a_step(g):
         shape[axis] = scale.size
         back = wq.astype(np.float64) * scale.reshape(shape)
         assert np.all(np.abs(back - original) <= scale.reshape(shape) / 2 * (1 + 1e-5) + 1e-7)
+
+
+def _channel_errors(w: np.ndarray, axis: int, bits: int, method: str) -> np.ndarray:
+    wq, scale = quantize_weight(w, axis, bits, get_profile("ort"), method)
+    shape = [1] * w.ndim
+    shape[axis] = -1
+    back = wq.astype(np.float64) * scale.reshape(shape)
+    return ((back - w) ** 2).sum(axis=tuple(a for a in range(w.ndim) if a != axis))
+
+
+@given(
+    st.integers(2, 6), st.integers(3, 40), st.sampled_from([4, 6, 8]), st.floats(0.0, 50.0), st.integers(0, 2**31 - 1)
+)
+def test_mse_weight_ranges_never_lose_to_minmax_per_channel(channels, k, bits, outlier, seed):
+    """Ratio 1 is among the candidates, so each channel's error is at most minmax's; with a few
+    large entries per channel at 4 bits it is strictly smaller somewhere."""
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((k, channels)).astype(np.float32)
+    w[0] *= 1.0 + outlier  # one large row: every channel's extreme
+    mse, minmax = _channel_errors(w, 1, bits, "mse"), _channel_errors(w, 1, bits, "minmax")
+    assert np.all(mse <= minmax * (1 + 1e-9) + 1e-12)
+
+
+def test_mse_weight_ranges_clip_heavy_tails_and_stay_on_the_grid():
+    rng = np.random.default_rng(0)
+    w = rng.standard_t(3, size=(3, 512)).astype(np.float32)  # heavy tails: minmax spends the grid on a few entries
+    wq, scale = quantize_weight(w, 0, 4, get_profile("ort"), "mse")
+    assert np.all(np.abs(wq) <= 7) and np.all(scale < np.abs(w).max(axis=1) / 7)
+    assert np.all(_channel_errors(w, 0, 4, "mse") < 0.8 * _channel_errors(w, 0, 4, "minmax"))
+    with pytest.raises(ValueError, match="weight method"):
+        quantize_weight(w, 0, 4, get_profile("ort"), "kl")
+    with pytest.raises(ValueError, match="weight_method"):
+        InsertQDQ(weight_method="kl")
+
+
+def test_quantize_chooses_mse_weights_below_8_bits():
+    from ogt.quant.quantize import QuantizeOptions
+
+    assert QuantizeOptions(weight_bits=8).insert_qdq().weight_method == "minmax"
+    assert QuantizeOptions(weight_bits=6).insert_qdq().weight_method == "mse"
+    assert QuantizeOptions(weight_bits=4, weight_method="minmax").insert_qdq().weight_method == "minmax"
 
 
 MASKED = """
