@@ -19,6 +19,9 @@ same float model and the same calibration file:
 - ``ogt-token-clip``: ``method="token-clip"``;
 - ``ogt-migrate-gamma+token-clip``: both;
 - ``ogt-smoothquant``: minmax with ``smoothquant="auto"`` (alpha searched per tensor);
+- ``ogt-smoothquant+token-clip``: smoothquant="auto" then token-clip (what migrate-gamma adds below);
+- ``ogt-migrate-gamma+smoothquant+token-clip``: all three (gamma migrated, then smoothed, then
+  token-wise clipping);
 - ``ort-minmax``, ``ort-percentile``: ``quant_pre_process`` then ``quantize_static`` (QDQ,
   per-channel weights, uint8 activations). onnxruntime quantizes to 8/16-bit types and to 4-bit
   weights (QInt4, opset 21) only: it runs at W8A8 and W4A8; W8A6 and W6A6 are "n/a";
@@ -122,6 +125,10 @@ CONTENDERS = [
     Contender("ogt-migrate-gamma+token-clip", "quantize(method=token-clip, migrate_gamma=True)",
               _ogt("token-clip", True)),
     Contender("ogt-smoothquant", "quantize(method=minmax, smoothquant='auto')", _ogt("minmax", smooth="auto")),
+    Contender("ogt-smoothquant+token-clip", "quantize(method=token-clip, smoothquant='auto')",
+              _ogt("token-clip", smooth="auto")),
+    Contender("ogt-migrate-gamma+smoothquant+token-clip",
+              "quantize(method=token-clip, migrate_gamma=True, smoothquant='auto')", _ogt("token-clip", True, "auto")),
     Contender("ort-minmax", "quant_pre_process + quantize_static(MinMax)",
               lambda w, a: ["ort", "minmax", str(w), "0"], _ort_na),
     Contender("ort-percentile", "quant_pre_process + quantize_static(Percentile)",

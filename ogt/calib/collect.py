@@ -443,8 +443,9 @@ def _run_pass(session, names: list[str], batches: Iterator[tuple[int, Batch]], o
             value, values[j] = values[j], None
             if isinstance(value, np.ndarray) and value.dtype.kind == "f":
                 observers[name].update(value)
-                if name in taps:
-                    taps[name](value)
+                if name in taps:  # a tap with ``wants_batch`` also gets the batch (an attention mask, say)
+                    tap = taps[name]
+                    tap(value, batch) if getattr(tap, "wants_batch", False) else tap(value)
             del value
         del values
         n = batch_len(batch)

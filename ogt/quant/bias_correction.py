@@ -35,18 +35,27 @@ from ..graph.names import NameAllocator
 from ..graph.query import GraphIndex, attr
 from ..transforms._base import Skip, Transform, TransformContext, TransformResult, counts_of, register
 from .insert_qdq import InsertQDQ, quantize_weight
+from .tokens import token_mask
 
 
 class ChannelMean:
     """Streaming per-channel mean of a tensor along ``axis`` (every other axis averaged)."""
 
-    def __init__(self, axis: int):
+    wants_batch = True  # calibrate passes the batch: padded positions (attention mask 0) are left out
+
+    def __init__(self, axis: int, token_weights: bool = True):
         self.axis = axis
+        self.token_weights = token_weights
         self.total: np.ndarray | None = None
         self.count = 0
 
-    def __call__(self, x: np.ndarray) -> None:
-        axis = self.axis % x.ndim
+    def __call__(self, x: np.ndarray, batch=None) -> None:
+        mask = token_mask(batch) if batch is not None and self.token_weights else None
+        if mask is not None and x.ndim >= 3 and x.shape[:2] == mask.shape and self.axis % x.ndim >= 2:
+            x = x[mask.astype(bool)]  # [real tokens, ...]: the channel axis moves up by one
+            axis = (self.axis % (x.ndim + 1)) - 1
+        else:
+            axis = self.axis % x.ndim
         other = tuple(a for a in range(x.ndim) if a != axis)
         s = x.sum(axis=other, dtype=np.float64)  # accumulates in float64 without a float64 copy of x
         self.total = s if self.total is None else self.total + s
@@ -106,7 +115,7 @@ class CorrectBias(Transform):
             if mean is None or node.op_type not in self.ops:
                 continue
             w = model.array(idx.constant_storage(node.input[slot])).astype(np.float32)
-            wq, scale = quantize_weight(w, axis, self.insert.weight_bits, self.insert.profile)
+            wq, scale = quantize_weight(w, axis, self.insert.weight_bits, self.insert.profile, self.insert.weight_method)
             shape = [-1 if a == axis else 1 for a in range(w.ndim)] if axis is not None else []
             dw = wq.astype(np.float64) * np.asarray(scale, np.float64).reshape(shape) - w
             delta = output_shift(node.op_type, dw, mean, group=int(attr(node, "group", 1)), trans_b=int(attr(node, "transB", 0)))

@@ -103,6 +103,7 @@ from ..transforms._base import (
 )
 from ._noise_sites import Linear, Site, dequantized, find_sites, rewrite
 from .refine import _block, _boundary
+from .tokens import token_mask, weighted_sq
 
 METADATA_KEY = "ogt.noisy-bias"
 
@@ -124,6 +125,7 @@ class NoisyLayer:
     objective: str = "layer"  # what decided: "layer" (error_*) or "block" (block_error_*)
     block_error_before: float | None = None
     block_error_after: float | None = None
+    per_channel: bool = False  # the kept noise is the per-channel candidate (amplitude: its spread, shift: its mean)
 
     @property
     def gain_db(self) -> float:
@@ -167,6 +169,8 @@ class NoisyBiasOptions:
     min_gain: float = 0.02  # relative error reduction a layer needs to keep its noise
     objective: str | None = None  # "layer" | "block"; None: "block" when the model has a LayerNorm
     holdout: bool = True  # block objective: confirm the chosen candidate on the next `samples` samples
+    draws: int = 0  # >0: also a per-channel candidate, each channel the best of this many draws per (amplitude, shift)
+    token_weights: bool = True  # block/output objectives: padded positions (attention mask 0) count nothing
 
     def transform(self, reference: Model, data, target: str = "ort") -> NoisyBias:
         return NoisyBias(reference=reference, data=data, target=target, **dataclasses.asdict(self))
@@ -194,6 +198,8 @@ class NoisyBias(Transform):
     min_gain: float = 0.02
     objective: str | None = None  # "layer" | "block"; None: "block" when the reference has a LayerNorm
     holdout: bool = True  # block objective: confirm the chosen candidate on the next `samples` samples
+    draws: int = 0  # >0: also a per-channel candidate, each channel the best of this many draws per (amplitude, shift)
+    token_weights: bool = True  # block/output objectives: padded positions (attention mask 0) count nothing
     budget_bytes: int = 256 << 20
 
     def __post_init__(self) -> None:
@@ -207,6 +213,8 @@ class NoisyBias(Transform):
             raise ValueError("shifts must not be empty (use (0.0,) for no shift)")
         if self.samples is not None and self.samples < 1:
             raise ValueError(f"samples must be at least 1, got {self.samples}")
+        if self.draws < 0:
+            raise ValueError(f"draws must be >= 0, got {self.draws}")
 
     def apply(self, model: Model, ctx: TransformContext) -> TransformResult:
         done = set(_done(model))
@@ -246,6 +254,7 @@ class NoisyBias(Transform):
                 all_batches = _batches(self.data, 2 * samples)
             block_refs = [run_ref(b) for b in all_batches]
         rows, kept, current = [], [], {model.graph.node[s.q].name: s for s in searchable}
+        masks = [token_mask(b) if self.token_weights else None for b in batches]  # the search samples' padding
         groups = [[(model.graph.node[s.q].name, _outputs(model, s)) for s in g]
                   for g in _groups(model, searchable, batches, self.budget_bytes)]  # names: indices move on rewrite
         for group in groups:
@@ -253,7 +262,8 @@ class NoisyBias(Transform):
             refs = [run_ref(b) for b in batches]
             for qname, _ in group:
                 site = current[qname]
-                block = _BlockScorer.build(model, site, ends, all_batches, block_refs, n_search) if block_refs is not None else None
+                block = _BlockScorer.build(model, site, ends, all_batches, block_refs, n_search, self.token_weights) \
+                    if block_refs is not None else None
                 if block is not None:
                     block.objective = objective
                 if block is not None:
@@ -261,7 +271,7 @@ class NoisyBias(Transform):
                 else:  # x as the quantizer sees it: after the upstream quantization error and upstream noise
                     run_q = Runner(model, [site.tensor])
                     values = [{**r, site.tensor: run_q(b)[site.tensor]} for r, b in zip(refs, batches)]
-                row, noise = self._search(model, site, values, block)
+                row, noise = self._search(model, site, values, block, masks)
                 if noise is not None:
                     placement = rewrite(model, {site.tensor: (site, noise)}, int32_bias=self.target == "ort")
                     row = dataclasses.replace(row, placement=placement[site.tensor])
@@ -288,7 +298,7 @@ class NoisyBias(Transform):
         return {model.graph.node[s.q].name: s for s in sites}
 
     def _search(self, model: Model, site: Site, values: list[dict[str, np.ndarray]],
-                block: _BlockScorer | None = None) -> tuple[NoisyLayer, np.ndarray | None]:
+                block: _BlockScorer | None = None, masks: list | None = None) -> tuple[NoisyLayer, np.ndarray | None]:
         layer_names = tuple(model.graph.node[c.node].name for c in site.consumers)
         grids = _delta_grids(model, site, self.target == "ort")
         layer = _Scorer(model, site, values, grids)
@@ -299,13 +309,16 @@ class NoisyBias(Transform):
         zero = np.zeros(site.noise_shape, np.float32)
         before = score(zero)
         best, best_err = (0.0, 0.0), before
-        for a in self.amplitudes:
-            for sh in self.shifts:
-                if a == 0 and sh == 0:
-                    continue
-                err = score(noise(site, u, a, sh))
-                if err < best_err:
-                    best, best_err = (a, sh), err
+        candidates = {(a, sh): noise(site, u, a, sh) for a in self.amplitudes for sh in self.shifts if a or sh}
+        if self.draws:
+            picked = per_channel_noise(model, site, [v[site.tensor] for v in values], self.seed, self.draws,
+                                       self.amplitudes, self.shifts, masks=masks)
+            if picked is not None:
+                candidates[PER_CHANNEL] = picked
+        for key, cand in candidates.items():
+            err = score(cand)
+            if err < best_err:
+                best, best_err = key, err
         step = float(site.step)
         objective = "layer" if block is None else block.objective
         layer_before = before if block is None else layer(zero)
@@ -317,8 +330,11 @@ class NoisyBias(Transform):
                 blk["block_error_after"] = before
             return NoisyLayer(site.tensor, layer_names, False, 0.0, 0.0, step, layer_before, layer_before, "none", note,
                               objective, **blk), None
-        a, sh = best
-        n = noise(site, u, a, sh)
+        n = candidates[best]
+        if best == PER_CHANNEL:  # described by its spread and mean, in steps
+            a, sh = float(n.max() - n.min()) / step, float(n.mean()) / step
+        else:
+            a, sh = best
         if block is not None and block.has_holdout:  # the best of 16 candidates on a few samples may be luck
             held_before, held_after = block(zero, held=True), block(n, held=True)
             if not held_after < held_before * (1 - self.min_gain):
@@ -330,7 +346,75 @@ class NoisyBias(Transform):
             blk["block_error_after"] = best_err
         layer_after = best_err if block is None else layer(n)
         return NoisyLayer(site.tensor, layer_names, True, a, sh, step, layer_before, layer_after, "", "",
-                          objective, **blk), n
+                          objective, **blk, per_channel=best == PER_CHANNEL), n
+
+
+#: the key of the per-channel candidate among the (amplitude, shift) ones
+PER_CHANNEL = "per-channel"
+
+
+def per_channel_noise(model: Model, site: Site, xs: list[np.ndarray], seed: int, draws: int,
+                      amplitudes: Sequence[float], shifts: Sequence[float], max_rows: int = 2048,
+                      masks: Sequence[np.ndarray | None] | None = None) -> np.ndarray | None:
+    """Each channel's noise value chosen among ``{0} U {step (shift + amplitude u_k)}`` (every
+    amplitude and shift of the grid, ``draws`` uniform draws ``u_k``, seeded): the one whose
+    quantization error ``Q(x_c + N_c) - x_c - N_c`` over the search tokens is smallest for that
+    channel. Every value is one the paper's noise could take; choosing per channel lines each
+    channel's typical values up with the grid instead of leaving it to one draw. None when the
+    quantizer's grid cannot be read."""
+    grid = _grid(model, site)
+    if grid is None or not xs:
+        return None
+    scale, zp, qmin, qmax = grid
+    axis = xs[0].ndim - 1 - site.consumers[0].trailing
+    parts = []
+    for x, m in zip(xs, masks or [None] * len(xs)):
+        r = np.moveaxis(x, axis, -1)
+        if m is not None and axis >= 2 and x.shape[:2] == m.shape:  # real tokens only
+            r = r[m.astype(bool)]
+        parts.append(r.reshape(-1, x.shape[axis]))
+    rows = np.concatenate(parts).astype(np.float32)
+    if len(rows) > max_rows:
+        rows = rows[np.random.default_rng([seed, 1]).choice(len(rows), max_rows, replace=False)]
+    rng = np.random.default_rng([seed, zlib.crc32(site.tensor.encode()), draws])
+    us = rng.uniform(-0.5, 0.5, (draws, site.channels))
+    values = [np.zeros(site.channels)] + [scale * (sh + a * u) for a in amplitudes for sh in shifts for u in us]
+    best_err, best = None, np.zeros(site.channels)
+    for n in values:
+        v = rows + n.astype(np.float32)
+        err = ((np.clip(np.round(v / scale) + zp, qmin, qmax) - zp) * scale - v) ** 2
+        err = err.sum(axis=0, dtype=np.float64)
+        if best_err is None:
+            best_err = err
+            continue
+        better = err < best_err
+        best_err[better], best[better] = err[better], n[better]
+    if not best.any():
+        return None
+    return best.astype(np.float32).reshape(site.noise_shape)
+
+
+def _grid(model: Model, site: Site) -> tuple[float, float, float, float] | None:
+    """(scale, zero point, qmin, qmax) of the site's quantizer, the grid Clip's bounds included."""
+    idx = GraphIndex(model.graph)
+    q = model.graph.node[site.q]
+    zp_t = idx.constant_tensor(q.input[2]) if len(q.input) > 2 and q.input[2] else None
+    zp = model.array(zp_t) if zp_t is not None else np.zeros((), np.uint8)
+    if zp.size != 1:
+        return None
+    info = np.iinfo(zp.dtype) if zp.dtype.kind in "iu" else None
+    if info is None:
+        return None
+    scale, z = float(site.step), float(zp.reshape(()))
+    qmin, qmax = float(info.min), float(info.max)
+    clip = idx.producer_of(q.input[0])
+    if clip is not None and clip.op_type == "Clip":
+        for k, pick in ((1, max), (2, min)):
+            t = idx.constant_tensor(clip.input[k]) if len(clip.input) > k and clip.input[k] else None
+            if t is not None:
+                bound = float(np.round(float(model.array(t).reshape(())) / scale + z))
+                qmin, qmax = (pick(qmin, bound), qmax) if k == 1 else (qmin, pick(qmax, bound))
+    return scale, z, qmin, qmax
 
 
 def noise_pattern(seed: int, tensor: str, channels: int) -> np.ndarray:
@@ -378,10 +462,11 @@ class _BlockScorer:
         self.site, self.session, self.outputs, self.feeds, self.refs, self.deltas = site, session, outputs, feeds, refs, deltas
         self.n_search = len(feeds)
         self.grids: dict[int, np.ndarray | None] | list | None = None  # per consumer (site.consumers order)
+        self.masks: list[np.ndarray | None] = [None] * len(feeds)  # per batch: padded positions weigh 0
 
     @classmethod
     def build(cls, model: Model, site: Site, ends: set[str], batches: list[dict], block_refs: list[dict],
-              n_search: int) -> _BlockScorer | None:
+              n_search: int, token_weights: bool = True) -> _BlockScorer | None:
         idx = GraphIndex(model.graph)
         graph_outputs = {o.name for o in model.graph.output}
         nodes, outputs = _block(idx, site.tensor, ends, graph_outputs)
@@ -403,6 +488,7 @@ class _BlockScorer:
         proto = _block_model(model, idx, site, nodes, boundary, outputs, deltas, {**block_refs[0], **feeds[0]})
         scorer = cls(site, _session(proto), outputs, feeds, refs, deltas)
         scorer.n_search, scorer.objective = n_search, "block" if ends else "output"
+        scorer.masks = [token_mask(b) if token_weights else None for b in batches]
         return scorer
 
     @property
@@ -417,10 +503,10 @@ class _BlockScorer:
         extra = {"__noise": n, **{name: (-_shaped_delta(c, n, grid[c.node])).astype(np.float32) for name, c in self.deltas}}
         total = 0.0
         energy = 0.0
-        for f, rs in zip(self.feeds[part], self.refs[part]):
+        for f, rs, m in zip(self.feeds[part], self.refs[part], self.masks[part]):
             got = self.session.run(self.outputs, {**f, **extra})
-            total += sum(float(((g.astype(np.float64) - r) ** 2).sum()) for g, r in zip(got, rs))
-            energy += sum(float((r**2).sum()) for r in rs)
+            total += sum(weighted_sq(g.astype(np.float64) - r, m) for g, r in zip(got, rs))
+            energy += sum(weighted_sq(r, m) for r in rs)
         return total / max(energy, 1e-30)
 
 

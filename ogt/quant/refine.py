@@ -40,6 +40,7 @@ from ..testing.equivalence import Runner
 from ..transforms import TransformContext
 from .insert_qdq import InsertQDQ
 from .profiles import WEIGHTED_OPS
+from .tokens import token_mask, weighted_sq
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +55,7 @@ class RefineOptions:
     block_bisections: int = 2
     block_side_factors: tuple[float, ...] = (0.8, 1.25)
     budget_bytes: int = 256 << 20
+    token_weights: bool = True  # block objective: padded positions (attention mask 0) count nothing
 
 
 @dataclasses.dataclass(frozen=True)
@@ -335,6 +337,7 @@ def refine_blocks(
     batches = list(_rebatch(limit(source, options.samples), options.samples))  # one run per candidate
     run_ref = Runner(reference, sorted({o for _, outs in blocks.values() for o in outs}))
     ref_out = [run_ref(b) for b in batches]
+    masks = [token_mask(b) if options.token_weights else None for b in batches]  # padded positions count 0
     run_q = Runner(qmodel, sorted({n for names in boundary.values() for n in names}))
     ranges = dict(table.ranges)
     chosen: list[Refined] = []
@@ -350,14 +353,14 @@ def refine_blocks(
         session = _block_session(qmodel, qidx, nodes, boundary[q.tensor], q.params, outputs, {**feeds[0], **ref_out[0]}, params)
         scheme = insert.profile.act_scheme(q.bits)
         refs = [[r[o].astype(np.float64) for o in outputs] for r in ref_out]
-        energy = max(sum(float((a**2).sum()) for rs in refs for a in rs), 1e-30)
+        energy = max(sum(weighted_sq(a, m) for rs, m in zip(refs, masks) for a in rs), 1e-30)
 
         def error(lo: float, hi: float, q=q, session=session, feeds=feeds, refs=refs, scheme=scheme) -> float:
             mine = _param_values(q, params, lo, hi, scheme)
             total = 0.0
-            for f, rs in zip(feeds, refs):
+            for f, rs, m in zip(feeds, refs, masks):
                 got = session.run(outputs, {**{n: f[n] for n in boundary[q.tensor]}, **mine})
-                total += sum(float(((g.astype(np.float64) - r) ** 2).sum()) for g, r in zip(got, rs))
+                total += sum(weighted_sq(g.astype(np.float64) - r, m) for g, r in zip(got, rs))
             return total / energy
 
         r = ranges[q.tensor]
@@ -379,17 +382,20 @@ def reference_outputs(run_ref: Runner, reference: Model, batches: Sequence) -> l
     return [{k: v for k, v in run_ref(b).items() if k in outputs} for b in batches]
 
 
-def output_error(run, batches: Sequence, expected: Sequence[Mapping[str, np.ndarray]]) -> tuple[float, float, int]:
-    """(signal energy, squared error, element count) of ``run``'s float outputs against ``expected``."""
-    signal, noise, count = 0.0, 0.0, 0
+def output_error(run, batches: Sequence, expected: Sequence[Mapping[str, np.ndarray]],
+                 token_weights: bool = True) -> tuple[float, float, float]:
+    """(signal energy, squared error, element count) of ``run``'s float outputs against ``expected``;
+    with ``token_weights``, padded positions of ``[batch, sequence, ...]`` outputs count nothing."""
+    signal, noise, count = 0.0, 0.0, 0.0
     for batch, ref in zip(batches, expected):
         got = run(batch)
+        mask = token_mask(batch) if token_weights else None
         for name, a in ref.items():
             if a.dtype.kind == "f":
                 a = a.astype(np.float64)
-                signal += float((a**2).sum())
-                noise += float(((a - got[name]) ** 2).sum())
-                count += a.size
+                signal += weighted_sq(a, mask)
+                noise += weighted_sq(a - got[name], mask)
+                count += weighted_sq(np.ones(a.shape), mask)
     return signal, noise, count
 
 

@@ -13,6 +13,13 @@ The fine stage (``ogt.quant.refine``) then moves each weighted layer's input ran
 layer, to minimise that layer's output error: the paper fine-tunes the ranges by gradient
 descent on block outputs, ogt searches a grid.
 
+Padding is not a token: when the batch has an attention mask (``ogt.quant.tokens``), positions
+it marks 0 are left out of the token statistics, and the fine stage weighs them 0 in its block
+error. Nothing downstream reads a padded position, and on the benchmarks' sentences two thirds of
+all positions are padding. Measured on paraphrase-MiniLM-L3 (embedding cosine mean / worst,
+64 calibration and 256 evaluation sentences), token-clip at W6A6: every position counted
+0.9819 / 0.9726, real tokens only 0.9846 / 0.9762 (W8A6: 0.9849 / 0.9726 -> 0.9890 / 0.9780).
+
 Memory is two fixed-size histograms per tensor, whatever the number of calibration samples.
 """
 
@@ -30,6 +37,7 @@ from ..graph.model import Model
 from ..testing.equivalence import Runner
 from .insert_qdq import InsertQDQ
 from .refine import TunableQDQ, output_error, reference_outputs
+from .tokens import token_mask
 
 DEFAULT_ALPHAS = (1.0, 0.999, 0.995, 0.99, 0.98, 0.95, 0.9, 0.8)
 
@@ -37,11 +45,17 @@ DEFAULT_ALPHAS = (1.0, 0.999, 0.995, 0.99, 0.98, 0.95, 0.9, 0.8)
 class TokenExtremes:
     """Streaming histograms of per-token maxima and minima of one tensor (a tap for calibrate)."""
 
-    def __init__(self, bins: int = 2048):
+    wants_batch = True  # calibrate passes the batch: padded positions are not tokens
+
+    def __init__(self, bins: int = 2048, token_weights: bool = True):
         self.maxima = PercentileObserver(bins=bins)  # its histogram; the quantiles are read below
         self.minima = PercentileObserver(bins=bins)
+        self.token_weights = token_weights
 
-    def __call__(self, x: np.ndarray) -> None:
+    def __call__(self, x: np.ndarray, batch: Mapping[str, np.ndarray] | None = None) -> None:
+        mask = token_mask(batch) if batch is not None and self.token_weights else None
+        if mask is not None and x.ndim >= 3 and x.shape[:2] == mask.shape:
+            x = x[mask.astype(bool)]  # [real tokens, ..., channels]
         rows = x.reshape(-1, x.shape[-1]) if x.ndim >= 2 else x.reshape(1, -1)
         rows = rows[np.isfinite(rows).all(axis=1)]
         if len(rows):

@@ -40,7 +40,7 @@ import dataclasses
 import logging
 from collections import Counter
 from collections.abc import Iterable, Mapping
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import numpy as np
 

@@ -352,3 +352,32 @@ def test_cli_quantize_noisy_bias(demo_path, tmp_path):
     assert rows and all(r["objective"] == "layer" for r in rows)
     assert all((r["error_after"] < r["error_before"]) if r["kept"] else r["note"] for r in rows)
     assert ogt.load(out).graph.node
+
+
+@pytest.mark.parametrize("target", ["ort", "tensorrt"])
+def test_per_channel_candidate_never_raises_a_channel_error_and_is_scored_like_the_others(target):
+    """Each channel's pick includes 0 (no noise), so no channel's own quantization error grows;
+    with draws on, the search still keeps only what lowers the layer error."""
+    from ogt.quant._noise_sites import find_sites
+    from ogt.quant.noisy_bias import _grid, per_channel_noise
+
+    proto = _mlp()
+    feeds = [_lognormal(s) for s in range(3)]
+    reference, q = _quantized(proto, target, 4, feeds)
+    site = next(s for s in find_sites(q, quantized=True)[0] if s.tensor == "g")
+    xs = [run(reference, f, ["g"])["g"] for f in feeds]
+    n = per_channel_noise(q, site, xs, 0, 4, (0.5, 1.0), (0.0, 0.25))
+    scale, zp, qmin, qmax = _grid(q, site)
+    rows = np.concatenate([x.reshape(-1, x.shape[-1]) for x in xs]).astype(np.float32)
+
+    def channel_err(noise):
+        v = rows + noise.reshape(-1)
+        return (((np.clip(np.round(v / scale) + zp, qmin, qmax) - zp) * scale - v) ** 2).sum(axis=0)
+
+    assert n is not None and n.shape == site.noise_shape
+    assert np.all(channel_err(n) <= channel_err(np.zeros(site.channels, np.float32)) * (1 + 1e-6) + 1e-9)
+    before = q.copy()
+    res = NoisyBias(reference=reference, data=feeds, target=target, samples=8, draws=4)(q)
+    row = next(r for r in res.layers if r.tensor == "g")
+    assert row.kept and row.error_after < row.error_before
+    assert _layer_error(reference, q, ["y"], feeds) < _layer_error(reference, before, ["y"], feeds)

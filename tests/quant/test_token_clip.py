@@ -114,3 +114,34 @@ def test_minilm_w8a8_migrate_gamma_token_clip_keeps_cosine(minilm_l3_path):
                                                                     placement_samples=4, report_samples=8))
     embedding = [o for o in result.outputs if o.name == "461"][0]
     assert embedding.cosine_mean > 0.99
+
+
+def test_token_clip_ignores_what_padded_positions_carry():
+    """A per-token model (no attention mixing): two calibration sets that differ only at padded
+    positions, one with huge outliers there, give the same token-clip model."""
+    from ogt.graph.query import GraphIndex
+
+    text = BLOCK.replace(f"g (float[N, 6, {H}] x)", f"g (float[N, 6, {H}] x, float[N, 6] attention_mask)")
+    model = onnx.parser.parse_model(text)
+    rng = np.random.default_rng(3)
+    clean, dirty = [], []
+    for b in outlier_batches(4):
+        mask = (rng.uniform(size=(4, 6)) < 0.5).astype(np.float32)
+        mask[:, 0] = 1
+        x = b["x"]
+        noisy = x.copy()
+        noisy[mask == 0] = rng.normal(size=noisy[mask == 0].shape) * 1e3  # garbage in padded positions
+        clean.append({"x": x, "attention_mask": mask})
+        dirty.append({"x": noisy, "attention_mask": mask})
+    opts = QuantizeOptions(method="token-clip", weight_bits=8, act_bits=6, progress=False, placement="weighted",
+                           batch_size=4)
+
+    def scales(batches):
+        res = quantize(ogt.Model(onnx.ModelProto.FromString(model.SerializeToString())), iterable_source(batches), opts)
+        idx = GraphIndex(res.model.graph)
+        return {n.input[0]: float(res.model.array(idx.constant_tensor(n.input[1]))) for n in idx.nodes
+                if n.op_type == "QuantizeLinear"}
+
+    a, b = scales(clean), scales(dirty)
+    assert a and a.keys() == b.keys()
+    assert all(np.isclose(a[k], b[k], rtol=1e-6) for k in a), (a, b)
