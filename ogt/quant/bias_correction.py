@@ -35,7 +35,7 @@ from ..graph.names import NameAllocator
 from ..graph.query import GraphIndex, attr
 from ..transforms._base import Skip, Transform, TransformContext, TransformResult, counts_of, register
 from .insert_qdq import InsertQDQ, quantize_weight
-from .tokens import token_mask
+from .tokens import real_tokens, token_mask
 
 
 class ChannelMean:
@@ -50,12 +50,11 @@ class ChannelMean:
         self.count = 0
 
     def __call__(self, x: np.ndarray, batch=None) -> None:
-        mask = token_mask(batch) if batch is not None and self.token_weights else None
-        if mask is not None and x.ndim >= 3 and x.shape[:2] == mask.shape and self.axis % x.ndim >= 2:
-            x = x[mask.astype(bool)]  # [real tokens, ...]: the channel axis moves up by one
-            axis = (self.axis % (x.ndim + 1)) - 1
-        else:
-            axis = self.axis % x.ndim
+        axis = self.axis % x.ndim
+        if batch is not None and self.token_weights and axis >= 2:  # a channel axis after [batch, sequence]
+            tokens = real_tokens(x, token_mask(batch))
+            if tokens is not x:  # [real tokens, ...]: the channel axis moves up by one
+                x, axis = tokens, axis - 1
         other = tuple(a for a in range(x.ndim) if a != axis)
         s = x.sum(axis=other, dtype=np.float64)  # accumulates in float64 without a float64 copy of x
         self.total = s if self.total is None else self.total + s

@@ -103,7 +103,7 @@ from ..transforms._base import (
 )
 from ._noise_sites import Linear, Site, dequantized, find_sites, rewrite
 from .refine import _block, _boundary
-from .tokens import token_mask, weighted_sq
+from .tokens import real_tokens, token_mask, weighted_sq
 
 METADATA_KEY = "ogt.noisy-bias"
 
@@ -370,8 +370,8 @@ def per_channel_noise(model: Model, site: Site, xs: list[np.ndarray], seed: int,
     parts = []
     for x, m in zip(xs, masks or [None] * len(xs)):
         r = np.moveaxis(x, axis, -1)
-        if m is not None and axis >= 2 and x.shape[:2] == m.shape:  # real tokens only
-            r = r[m.astype(bool)]
+        if axis >= 2:  # channels after [batch, sequence]: real tokens only
+            r = real_tokens(r, m)
         parts.append(r.reshape(-1, x.shape[axis]))
     rows = np.concatenate(parts).astype(np.float32)
     if len(rows) > max_rows:

@@ -37,7 +37,7 @@ from ..graph.model import Model
 from ..testing.equivalence import Runner
 from .insert_qdq import InsertQDQ
 from .refine import TunableQDQ, output_error, reference_outputs
-from .tokens import token_mask
+from .tokens import real_tokens, token_mask
 
 DEFAULT_ALPHAS = (1.0, 0.999, 0.995, 0.99, 0.98, 0.95, 0.9, 0.8)
 
@@ -53,9 +53,8 @@ class TokenExtremes:
         self.token_weights = token_weights
 
     def __call__(self, x: np.ndarray, batch: Mapping[str, np.ndarray] | None = None) -> None:
-        mask = token_mask(batch) if batch is not None and self.token_weights else None
-        if mask is not None and x.ndim >= 3 and x.shape[:2] == mask.shape:
-            x = x[mask.astype(bool)]  # [real tokens, ..., channels]
+        if batch is not None and self.token_weights:
+            x = real_tokens(x, token_mask(batch))  # [real tokens, ..., channels]
         rows = x.reshape(-1, x.shape[-1]) if x.ndim >= 2 else x.reshape(1, -1)
         rows = rows[np.isfinite(rows).all(axis=1)]
         if len(rows):

@@ -28,6 +28,14 @@ def token_mask(batch: Mapping[str, np.ndarray]) -> np.ndarray | None:
     return None
 
 
+def real_tokens(x: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    """``x[mask]`` (``[real tokens, ...]``) when ``x`` is laid out ``[batch, sequence, ..., channels]``
+    with at least one axis after the sequence; otherwise ``x`` unchanged."""
+    if mask is None or x.ndim < 3 or x.shape[:2] != mask.shape:
+        return x
+    return x[mask.astype(bool)]
+
+
 def weighted_sq(a: np.ndarray, mask: np.ndarray | None) -> float:
     """``sum(a**2)``, each position weighted by ``mask`` when ``a`` is laid out ``[batch, sequence, ...]``."""
     a = np.asarray(a, np.float64)
@@ -37,4 +45,4 @@ def weighted_sq(a: np.ndarray, mask: np.ndarray | None) -> float:
     return float(((a**2) * w).sum())
 
 
-__all__ = ["token_mask", "weighted_sq"]
+__all__ = ["real_tokens", "token_mask", "weighted_sq"]
