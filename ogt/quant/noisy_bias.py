@@ -253,6 +253,7 @@ class NoisyBias(Transform):
             if self.holdout:  # the next `samples` calibration samples confirm the chosen candidate
                 all_batches = _batches(self.data, 2 * samples)
             block_refs = [run_ref(b) for b in all_batches]
+            del run_ref  # a session holds its own copy of the weights: one at a time
         rows, kept, current = [], [], {model.graph.node[s.q].name: s for s in searchable}
         masks = [token_mask(b) if self.token_weights else None for b in batches]  # the search samples' padding
         groups = [[(model.graph.node[s.q].name, _outputs(model, s)) for s in g]
@@ -260,6 +261,7 @@ class NoisyBias(Transform):
         for group in groups:
             run_ref = Runner(self.reference, list(dict.fromkeys(n for _, outs in group for n in outs)))
             refs = [run_ref(b) for b in batches]
+            del run_ref
             for qname, _ in group:
                 site = current[qname]
                 block = _BlockScorer.build(model, site, ends, all_batches, block_refs, n_search, self.token_weights) \
