@@ -190,7 +190,8 @@ def quantize(model: Model, source: CalibrationSource, options: QuantizeOptions =
     if options.migrate_gamma:
         prep.append(MigrateGamma())
     if options.smoothquant is not None:
-        prep.append(SmoothQuant(data=limit(source, options.smoothquant_samples), alpha=options.smoothquant))
+        prep.append(SmoothQuant(data=limit(source, options.smoothquant_samples), alpha=options.smoothquant,
+                                weight_bits=options.weight_bits, act_bits=options.act_bits))
     steps = list(Pipeline(prep)(model).children)
     if options.int4 and min(options.weight_bits, options.act_bits) <= 4 and (model.opset("") or 0) < 21:
         to_opset_21(model)

@@ -22,9 +22,12 @@ over all their weights. Where ``X'`` comes from:
 
 alpha: a float in [0, 1] (default 0.5) for every layer, or ``"auto"``: per tensor, each alpha in
 ``alphas`` is scored on sampled calibration rows by the output MSE of its linear readers after
-fake-quantizing ``X'`` per-tensor symmetric int8 (range from the calibration maximum) and ``W'``
-per-output-channel symmetric int8 (numpy); the best wins, and if no smoothing at all scores
-better the tensor is skipped with both errors in the reason.
+fake-quantizing ``X'`` per-tensor symmetric at ``act_bits`` (range from the calibration maximum)
+and ``W'`` per-output-channel symmetric at ``weight_bits`` (numpy; both 8 unless given: ``ogt
+quantize`` passes its widths, so at W4A8 an alpha that moves outliers into 4-bit weights loses);
+the best wins, and if no smoothing at all scores better the tensor is skipped with both errors in
+the reason. Positions an attention mask marks as padding count in neither the channel maxima nor
+the sampled rows.
 
 Skipped with a reason: a tensor whose factors are all within ``min_change`` of 1 (already
 smooth; this makes a second run with the same alpha a no-op), linear readers of different
@@ -70,7 +73,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_ALPHAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 SCALE_LIMITS = (1e-5, 1e5)
-INT8 = 127
 
 
 @register
@@ -92,6 +94,8 @@ class SmoothQuant(Transform):
     exclude: tuple[str, ...] = ()
     search_rows: int = 512
     min_change: float = 1e-3
+    weight_bits: int = 8  # widths the alpha search quantizes at
+    act_bits: int = 8
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "exclude", tuple(self.exclude))
@@ -105,6 +109,9 @@ class SmoothQuant(Transform):
             raise OgtError(f"smoothquant: alphas must be numbers in [0, 1], got {self.alphas!r}")
         if self.search_rows < 1:
             raise OgtError("smoothquant: search_rows must be at least 1")
+        for what in ("weight_bits", "act_bits"):
+            if not 2 <= getattr(self, what) <= 16:
+                raise OgtError(f"smoothquant: {what} must be in 2..16, got {getattr(self, what)!r}")
 
     def preconditions(self, model: Model) -> None:
         if self.data is None:
@@ -151,7 +158,7 @@ class SmoothQuant(Transform):
             raise Reject(f"linear readers have input widths {sorted(widths)}, the tensor has {st.absmax.size} channels")
         wmax = np.max([np.abs(w).max(axis=1) for w in ws], axis=0)
         if self.alpha == "auto":
-            alpha, s = _search(st, ws, wmax, self.alphas)
+            alpha, s = _search(st, ws, wmax, self.alphas, self.weight_bits, self.act_bits)
         else:
             alpha, s = float(self.alpha), factors(st.absmax, wmax, float(self.alpha))
         if np.all(np.abs(s - 1.0) <= self.min_change):
@@ -169,36 +176,48 @@ def factors(absmax: np.ndarray, wmax: np.ndarray, alpha: float) -> np.ndarray:
     return np.clip(s, *SCALE_LIMITS)
 
 
+def levels(bits: int) -> int:
+    """The largest magnitude of a narrow symmetric signed grid: 127 at 8 bits, 7 at 4."""
+    return 2 ** (bits - 1) - 1
+
+
 def quantized_error(rows: np.ndarray, ws: list[np.ndarray], absmax: np.ndarray, s: np.ndarray,
-                    refs: list[np.ndarray] | None = None) -> float:
-    """Output MSE of ``X W`` against int8 fake-quantized ``(X / s)`` (per tensor) times ``(s W)`` (per column).
+                    refs: list[np.ndarray] | None = None, weight_bits: int = 8, act_bits: int = 8) -> float:
+    """Output MSE of ``X W`` against fake-quantized ``(X / s)`` (per tensor, ``act_bits``) times
+    ``(s W)`` (per column, ``weight_bits``), both symmetric.
 
     refs: the float outputs ``X W`` when already computed (the search reuses them).
     """
+    qa, qw = levels(act_bits), levels(weight_bits)
     x = rows.astype(np.float32)
     xs = x / s.astype(np.float32)
-    step = np.float32(max(float(np.max(absmax / s)), 1e-30) / INT8)
-    xq = np.clip(np.round(xs / step), -INT8, INT8) * step
+    step = np.float32(max(float(np.max(absmax / s)), 1e-30) / qa)
+    xq = np.clip(np.round(xs / step), -qa, qa) * step
     err = 0.0
     for k, w in enumerate(ws):
         ww = w * s[:, None]
-        wstep = np.maximum(np.abs(ww).max(axis=0), 1e-30) / INT8
+        wstep = np.maximum(np.abs(ww).max(axis=0), 1e-30) / qw
         wq = (np.round(ww / wstep) * wstep).astype(np.float32)
         ref = refs[k] if refs is not None else x @ w.astype(np.float32)
         err += float(np.mean(np.square(xq @ wq - ref, dtype=np.float64)))
     return err
 
 
-def _search(st: ChannelAbsMax, ws: list[np.ndarray], wmax: np.ndarray, alphas: tuple[float, ...]) -> tuple[float, np.ndarray]:
+def _search(st: ChannelAbsMax, ws: list[np.ndarray], wmax: np.ndarray, alphas: tuple[float, ...],
+            weight_bits: int = 8, act_bits: int = 8) -> tuple[float, np.ndarray]:
     if st.rows.shape[0] == 0:
         raise Reject("no calibration rows to search alpha on")
     refs = [st.rows.astype(np.float32) @ w.astype(np.float32) for w in ws]
-    base = quantized_error(st.rows, ws, st.absmax, np.ones_like(st.absmax), refs)
-    scored = [(quantized_error(st.rows, ws, st.absmax, factors(st.absmax, wmax, a), refs), a) for a in alphas]
+
+    def error(s: np.ndarray) -> float:
+        return quantized_error(st.rows, ws, st.absmax, s, refs, weight_bits, act_bits)
+
+    base = error(np.ones_like(st.absmax))
+    scored = [(error(factors(st.absmax, wmax, a)), a) for a in alphas]
     err, alpha = min(scored)
     if not err < base:
-        raise Reject(f"no alpha in {list(alphas)} lowers the int8 output error (best {err:.4g} at alpha={alpha}, "
-                     f"unsmoothed {base:.4g})")
+        raise Reject(f"no alpha in {list(alphas)} lowers the W{weight_bits}A{act_bits} output error (best {err:.4g} "
+                     f"at alpha={alpha}, unsmoothed {base:.4g})")
     return alpha, factors(st.absmax, wmax, alpha)
 
 
