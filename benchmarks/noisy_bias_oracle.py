@@ -50,6 +50,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=ROOT / "benchmarks/work/quantize/minilm_l3")
     ap.add_argument("--model", type=Path, default=ROOT / ".cache/models/minilm_l3.onnx")
     ap.add_argument("--output", default="461")
+    ap.add_argument("--sites", type=int, default=None, help="only the first N sites (a quick check)")
     args = ap.parse_args()
     if not (args.work / "eval.npz").exists():
         sys.exit(f"no {args.work / 'eval.npz'}: run benchmarks/noisy_bias_compare.py (or quantize_compare.py) first")
@@ -88,7 +89,7 @@ def main() -> None:
     print("|---|---|---:|---|---:|")
     batches = [{k: v[i:i + 16] for k, v in ca.items()} for i in range(0, len(ca["input_ids"]), 16)]
     rows = []
-    for tensor in [s.tensor for s in find_sites(model, quantized=True)[0]]:
+    for tensor in [s.tensor for s in find_sites(model, quantized=True)[0]][:args.sites]:
         site = {s.tensor: s for s in find_sites(model, quantized=True)[0]}[tensor]
         u = noise_pattern(0, tensor, site.channels)
         candidates = {f"a={amp} s={sh}": noise(site, u, amp, sh) for amp in AMPLITUDES for sh in SHIFTS}
