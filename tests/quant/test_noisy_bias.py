@@ -121,6 +121,13 @@ def _heavy(shape, seed: int) -> dict[str, np.ndarray]:
     return {"x": (rng.standard_normal(shape) * np.exp(rng.standard_normal(shape))).astype(np.float32)}
 
 
+def _heavy_subject(proto: onnx.ModelProto, target: str, bits: int, batches: int = 4):
+    """The graph's input shape, ``batches`` heavy-tailed feeds, and (float reference, QDQ model) calibrated on them."""
+    shape = [d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim]
+    feeds = [_heavy(shape, s) for s in range(batches)]
+    return (shape, feeds, *_quantized(proto, target, bits, feeds))
+
+
 @given(linear_graphs(), st.sampled_from(["ort", "tensorrt"]), st.integers(0, 1000))
 def test_float_rewrite_computes_what_the_original_computes(g, target, seed):
     proto, t = g
@@ -138,9 +145,7 @@ def test_float_rewrite_computes_what_the_original_computes(g, target, seed):
 @given(linear_graphs(), st.sampled_from(["ort", "tensorrt"]), st.sampled_from([4, 6]), st.integers(0, 1000))
 def test_quantized_rewrite_without_quantization_equals_original(g, target, bits, seed):
     proto, t = g
-    shape = [d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim]
-    feeds = [_heavy(shape, s) for s in range(3)]
-    _, q = _quantized(proto, target, bits, feeds)
+    shape, feeds, _, q = _heavy_subject(proto, target, bits, batches=3)
     noisy = q.copy()
     k = shape[1] if len(shape) == 4 else shape[-1]
     apply_noises(noisy, {t: np.random.default_rng(seed).uniform(-0.5, 0.5, k)}, target=target)
@@ -188,9 +193,7 @@ def test_layer_objective_keeps_noise_only_where_the_layer_error_drops(g, target,
     """The layer objective promises each kept layer's own error drops, not the output's: with two sites
     (the producer's input and its output) noise kept upstream can raise the output error."""
     proto, _ = g
-    shape = [d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim]
-    feeds = [_heavy(shape, s) for s in range(4)]
-    reference, q = _quantized(proto, target, bits, feeds)
+    shape, feeds, reference, q = _heavy_subject(proto, target, bits)
     before = q.copy()
     res = NoisyBias(reference=reference, data=feeds, target=target, samples=4 * shape[0], objective="layer")(q)
     for row in res.layers:
@@ -210,9 +213,7 @@ def test_block_objective_never_raises_the_output_error(g, target, bits):
     """No LayerNorm: every block ends at the graph outputs, so each kept noise lowers the output error
     on the search's samples (int32 bias re-rounding scored), and so does all of it together."""
     proto, _ = g
-    shape = [d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim]
-    feeds = [_heavy(shape, s) for s in range(4)]
-    reference, q = _quantized(proto, target, bits, feeds)
+    shape, feeds, reference, q = _heavy_subject(proto, target, bits)
     before = q.copy()
     res = NoisyBias(reference=reference, data=feeds, target=target, samples=4 * shape[0], objective="block")(q)
     outs = [o.name for o in proto.graph.output]
