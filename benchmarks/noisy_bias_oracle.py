@@ -30,8 +30,10 @@ import onnxruntime as ort
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import ogt  # noqa: E402
+from _quant_children import fidelity  # noqa: E402
 from ogt.calib.data import npz_source  # noqa: E402
 from ogt.quant._noise_sites import find_sites  # noqa: E402
 from ogt.quant.noisy_bias import apply_noises, noise, noise_pattern, per_channel_noise  # noqa: E402
@@ -75,8 +77,7 @@ def main() -> None:
     def score(model) -> dict[str, float]:
         out = {}
         for part, data in (("eval", ev), ("calib", ca)):
-            y, r = embed(model, data), refs[part]
-            out[part] = float(((y * r).sum(1) / np.linalg.norm(y, axis=1) / np.linalg.norm(r, axis=1)).mean())
+            out[part] = fidelity("embedding", embed(model, data), refs[part], None)["cos_mean"]
         return out
 
     w, a = args.bits
